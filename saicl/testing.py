@@ -51,3 +51,29 @@ def random_table(heads: int, max_distance: int = 128, dtype=torch.float64, seed:
     """A random per-distance bias table ``(heads, 2 * max_distance + 1)``."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(heads, 2 * max_distance + 1, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def tiny_t5_config(gated: bool = False, **overrides):
+    """A tiny ``T5Config`` (ByT5 vocabulary of 384) for tests and demos; ``gated`` = t5-v1_1 style."""
+    from transformers import T5Config
+
+    fields = dict(
+        vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )
+    if gated:
+        fields["tie_word_embeddings"] = False  # as t5-v1_1 checkpoints: no decoder-output scaling
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
+def save_tiny_t5(path, gated: bool = False, seed: int = 0, **overrides):
+    """Build a randomly initialised Hugging Face ``T5ForConditionalGeneration`` and save it to ``path``."""
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(tiny_t5_config(gated=gated, **overrides))
+    model.save_pretrained(path)
+    return model

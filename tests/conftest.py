@@ -25,3 +25,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+@pytest.fixture(scope="session")
+def t5_checkpoint(tmp_path_factory):
+    """A tiny original-T5 (relu, tied, scaled decoder output) checkpoint saved with save_pretrained."""
+    from saicl.testing import save_tiny_t5
+
+    path = tmp_path_factory.mktemp("t5-relu")
+    save_tiny_t5(path, gated=False, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def t5_v1_1_checkpoint(tmp_path_factory):
+    """A tiny t5-v1_1-style (gated-gelu, untied head) checkpoint."""
+    from saicl.testing import save_tiny_t5
+
+    path = tmp_path_factory.mktemp("t5-gated")
+    save_tiny_t5(path, gated=True, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def episodes():
+    return [
+        {"demonstrations": [("the cat sat", "animal"), ("bright red", "color"), ("a dog", "animal")],
+         "query": "deep blue"},
+        {"demonstrations": [("x", "y")], "query": "what follows x?"},
+        {"demonstrations": [], "query": "no demonstrations here"},
+        {"demonstrations": [("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"), ("five", "5")],
+         "query": "six"},
+    ]

@@ -1,0 +1,36 @@
+"""``python -m saicl``: version and backends; ``python -m saicl demo``: the built-in demonstration."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    if argv and argv[0] not in ("-h", "--help", "info"):
+        print(f"unknown command {argv[0]!r}; expected 'info' or 'demo' (see --help)", file=sys.stderr)
+        return 2
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: python -m saicl [info | demo [--help]]\n"
+              "  info  print the version and which attention backends are available here (default)\n"
+              "  demo  run the built-in demonstration")
+        return 0
+    import torch
+
+    from . import __version__
+    from .attention import available_backends
+
+    print(f"saicl {__version__} (torch {torch.__version__})")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for name, reason in available_backends(device).items():
+            print(f"  {device:4s} {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

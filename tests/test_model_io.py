@@ -1,0 +1,129 @@
+"""Loading T5 checkpoints, save/load round trips, Auto classes, score_options, checkpointing, dtypes."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+import saicl  # noqa: F401  (registers the Auto classes)
+from saicl import ICLProcessor, SAICLConfig, SAICLForConditionalGeneration
+
+
+@pytest.mark.parametrize("checkpoint", ["t5_checkpoint", "t5_v1_1_checkpoint"])
+def test_t5_checkpoint_loads_without_missing_or_unexpected_keys(checkpoint, request):
+    path = request.getfixturevalue(checkpoint)
+    model, info = SAICLForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"], info["missing_keys"]
+    assert not info["unexpected_keys"], info["unexpected_keys"]
+    assert not info.get("mismatched_keys"), info["mismatched_keys"]
+    assert model.config.model_type == "saicl" and model.config.structure == "saicl"
+    from transformers import T5ForConditionalGeneration
+
+    hf = T5ForConditionalGeneration.from_pretrained(path)
+    ours = dict(model.named_parameters())
+    for name, param in hf.named_parameters():
+        assert torch.equal(ours[name], param), name
+
+
+def test_save_load_round_trip_is_bit_identical(t5_v1_1_checkpoint, tmp_path, tokenizer, episodes):
+    model = SAICLForConditionalGeneration.from_pretrained(
+        t5_v1_1_checkpoint, structure="fid", attn_backend="torch"
+    ).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = SAICLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert again.config.structure == "fid" and again.config.attn_backend == "torch"
+    batch = ICLProcessor(tokenizer)(episodes)
+    decoder_input_ids = torch.zeros(len(episodes), 3, dtype=torch.long)
+    with torch.no_grad():
+        a = model(**batch, decoder_input_ids=decoder_input_ids).logits
+        b = again(**batch, decoder_input_ids=decoder_input_ids).logits
+    assert torch.equal(a, b)
+
+
+def test_auto_classes_load_saved_model(t5_checkpoint, tmp_path, tokenizer, episodes):
+    SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, structure="full").save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SAICLConfig)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert isinstance(model, SAICLForConditionalGeneration)
+    assert model.config.structure == "full"
+    override = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, structure="saicl")
+    assert override.config.structure == "saicl"
+
+
+def test_score_options_matches_per_option_loss_and_runs_encoder_once(t5_checkpoint, tokenizer, episodes):
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, attn_backend="torch").eval()
+    processor = ICLProcessor(tokenizer)
+    batch = processor(episodes)
+    options = [["animal", "color"], ["y", "z", "yy"], ["ok"], ["5", "6", "seven"]]
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        scores = model.score_options(**batch, options=options, tokenizer=tokenizer, max_options_per_batch=4)
+    hook.remove()
+    assert len(calls) == 1
+    assert [len(s) for s in scores] == [2, 3, 1, 3]
+    for b, episode in enumerate(episodes):
+        single = processor([episode])
+        for j, option in enumerate(options[b]):
+            labels = processor.encode_targets([option])
+            with torch.no_grad():
+                loss = model(**single, labels=labels).loss
+            torch.testing.assert_close(scores[b][j], loss, rtol=1e-5, atol=1e-5)
+
+
+def test_score_options_bad_input(t5_checkpoint, tokenizer, episodes):
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint).eval()
+    batch = ICLProcessor(tokenizer)(episodes[:2])
+    with pytest.raises(ValueError, match="options has 1 entries but the batch has 2"):
+        model.score_options(**batch, options=[["a"]], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"options\[1\] must be a non-empty list"):
+        model.score_options(**batch, options=[["a"], []], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        model.score_options(**batch, options=[["a"], ["b"]])
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_gradient_checkpointing_gives_the_same_gradients(backend, t5_checkpoint, tokenizer, episodes):
+    processor = ICLProcessor(tokenizer)
+    batch = processor(episodes)
+    labels = processor.encode_targets(["color", "y", "ok", "6"])
+    grads = []
+    for checkpointing in (False, True):
+        model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, attn_backend=backend).double()
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**batch, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_runs_and_stays_close(dtype, t5_checkpoint, tokenizer, episodes):
+    batch = ICLProcessor(tokenizer)(episodes)
+    decoder_input_ids = torch.zeros(len(episodes), 2, dtype=torch.long)
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, attn_backend="torch").eval()
+    with torch.no_grad():
+        ref = model(**batch, decoder_input_ids=decoder_input_ids).logits
+        low = model.to(dtype)(**batch, decoder_input_ids=decoder_input_ids).logits
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_backends_agree_through_the_model(t5_checkpoint, tokenizer, episodes):
+    processor = ICLProcessor(tokenizer)
+    batch = processor(episodes)
+    labels = processor.encode_targets(["color", "y", "ok", "6"])
+    results = {}
+    for backend in ("eager", "torch"):
+        model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, attn_backend=backend)
+        model = model.double().train()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        grad = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad
+        results[backend] = (loss.detach(), grad.clone())
+    torch.testing.assert_close(results["torch"][0], results["eager"][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results["torch"][1], results["eager"][1], rtol=1e-8, atol=1e-10)
