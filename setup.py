@@ -29,6 +29,7 @@ setup(
         "saicl.eval": "eval",
     },
     include_package_data=True,
+    package_data={"saicl.meta_train": ["configs/*.json", "configs/*.yaml"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=5.20,<6",
@@ -36,11 +37,23 @@ setup(
         "safetensors",
         "numpy",
         "tqdm",
+        "accelerate>=1.0",
+        "pyyaml",
+        "matplotlib",
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "tokenizers"],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": ["saicl-demo = saicl.demo:main"]},
+    entry_points={
+        "console_scripts": [
+            "saicl-demo = saicl.demo:main",
+            "saicl-run = saicl.eval.main_job:main",
+            "saicl-train = saicl.meta_train.cli:main",
+            "saicl-data = saicl.meta_train.convert:main",
+            "saicl-eval = saicl.eval.evaluate:main",
+            "saicl-bench = saicl.eval.bench:main",
+        ]
+    },
 )

@@ -21,8 +21,8 @@ LOG2E = 1.4426950408889634
 NEG_INIT = -1.0e30
 
 # Tile sizes. Under the interpreter large blocks are much faster (fewer numpy calls; FINDINGS.md).
-INTERPRETER_BLOCK_M = 32
-INTERPRETER_BLOCK_N = 32
+INTERPRETER_BLOCK_M = 64
+INTERPRETER_BLOCK_N = 64
 GPU_BLOCK_M = 64
 # Bias-gradient histogram: column index ``c`` of the bias table is split as ``c = hi * LO + lo``
 # so the weighted histogram of a block is one small matmul of two one-hot matrices.

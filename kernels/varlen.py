@@ -137,7 +137,6 @@ def build_plan(layout: EncoderLayout, block_m: int) -> VarlenPlan:
                 span_rows.append((s0, span_len, s0, s0 + span_len, g0, g1))
             else:  # global span: every valid token of the episode
                 span_rows.append((s0, span_len, base, base + n, 0, 0))
-    total = cu[-1]
     spans = torch.tensor(span_rows, dtype=torch.long).reshape(-1, 6)
     span_len = spans[:, 1]
     ranges = torch.repeat_interleave(spans[:, 2:6], span_len, dim=0)  # (total, 4)

@@ -56,7 +56,7 @@ def run(demos_for_speed: list[int], repeats: int, d_model: int) -> dict:
     options = [["yes", "no"]]
     print(f"saicl {__import__('saicl').__version__}; backends on cpu: "
           + ", ".join(f"{n}={'ok' if r is None else 'unavailable'}" for n, r in available_backends("cpu").items()))
-    print("\nOne episode, 8 demonstrations, untrained tiny T5 (d_model=%d):" % d_model)
+    print(f"\nOne episode, 8 demonstrations, untrained tiny T5 (d_model={d_model}):")
     print("| structure | NLL(yes) | NLL(no) | max |logit change| after reversing the demonstrations |")
     print("|---|---|---|---|")
     labels = processor.encode_targets(["yes"])
@@ -68,7 +68,7 @@ def run(demos_for_speed: list[int], repeats: int, d_model: int) -> dict:
         results["structures"][structure] = {"nll": nll.tolist(), "order_change": change.item()}
         print(f"| {structure} | {nll[0]:.4f} | {nll[1]:.4f} | {change.item():.2e} |")
 
-    print("\nEncoder forward time (ms, median of %d) against the number of demonstrations:" % repeats)
+    print(f"\nEncoder forward time (ms, median of {repeats}) against the number of demonstrations:")
     print("| demos | encoder tokens | saicl (torch) | full (torch, dense) | full / saicl |")
     print("|---|---|---|---|---|")
     for k in demos_for_speed:
@@ -77,7 +77,7 @@ def run(demos_for_speed: list[int], repeats: int, d_model: int) -> dict:
         for structure in ("saicl", "full"):
             model.set_structure(structure)
             with torch.no_grad():
-                row[structure] = _time(lambda: model.encoder(**speed_batch), repeats)
+                row[structure] = _time(lambda batch=speed_batch: model.encoder(**batch), repeats)
         results["speed"].append(row)
         print(f"| {k} | {row['tokens']} | {row['saicl']:.1f} | {row['full']:.1f} | {row['full'] / row['saicl']:.1f}x |")
     return results

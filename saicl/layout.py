@@ -102,6 +102,29 @@ class EncoderLayout:
                 mask[b, start:start + length, start:start + length] = True
         return mask.to(self.device)
 
+    def key_ranges(self) -> torch.Tensor:
+        """Keys each token may attend to, as two half-open ranges: ``(batch, length, 4)`` long.
+
+        ``[a0, a1, b0, b1]`` per token: a local-span token sees its own span ``[a0, a1)`` and the global
+        span ``[b0, b1)``; a global-span token sees every valid token ``[0, n)`` (``b0 = b1 = 0``);
+        padding sees nothing. The two ranges never overlap. Linear in ``length`` (no ``L x L``).
+        """
+        ranges = torch.zeros(self.batch_size, self.length, 4, dtype=torch.long)
+        valid_lengths = self.valid.sum(1).tolist()
+        for b in range(self.batch_size):
+            glob = self.global_spans[b]
+            g0, g1 = (glob[0], glob[0] + glob[1]) if glob is not None else (0, 0)
+            if self.local_spans[b]:
+                starts, lengths = (torch.tensor(x, dtype=torch.long) for x in zip(*self.local_spans[b]))
+                globals_ = torch.tensor([g0, g1]).expand(len(starts), 2)
+                rows = torch.cat([torch.stack([starts, starts + lengths], 1), globals_], 1)
+                first = int(starts.min())
+                span_tokens = int(lengths.sum())
+                ranges[b, first:first + span_tokens] = torch.repeat_interleave(rows, lengths, dim=0)
+            if glob is not None:
+                ranges[b, g0:g1] = torch.tensor([0, valid_lengths[b], 0, 0])
+        return ranges.to(self.device)
+
     def bias_index(self, max_distance: int) -> torch.Tensor:
         """Dense ``(batch, length, length)`` column indices into the bias table (oracle only)."""
         return table_index(self.relative_positions(), max_distance)

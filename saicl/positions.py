@@ -30,14 +30,16 @@ def relative_position_bucket(
 
 
 @functools.lru_cache(maxsize=32)
-def _distance_buckets_cpu(num_buckets: int, max_distance: int) -> torch.Tensor:
+def _distance_buckets(num_buckets: int, max_distance: int) -> tuple[int, ...]:
+    # Cached as plain ints, not a tensor: a tensor first created under torch.inference_mode()
+    # could not be used later in autograd.
     distances = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
-    return relative_position_bucket(distances, True, num_buckets, max_distance)
+    return tuple(relative_position_bucket(distances, True, num_buckets, max_distance).tolist())
 
 
 def distance_buckets(num_buckets: int, max_distance: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bucket of every relative distance ``-max_distance..max_distance``: shape ``(2M+1,)``."""
-    return _distance_buckets_cpu(num_buckets, max_distance).to(device)
+    return torch.tensor(_distance_buckets(num_buckets, max_distance), dtype=torch.long, device=device)
 
 
 def bias_table(embedding_weight: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:

@@ -160,3 +160,15 @@ def test_saicl_positions_are_those_of_each_demo_followed_by_the_query():
     expected = torch.arange(5)[None, :] - torch.arange(5)[:, None]
     assert torch.equal(rel[frame][:, frame], expected)
     assert not allowed[0, 2] and not allowed[2, 0] and allowed[5, 0] and allowed[0, 5]
+
+
+@pytest.mark.parametrize("structure", ["saicl", "full", "fid"])
+def test_key_ranges_agree_with_the_predicate(structure):
+    mask, seg = segment_batch([[3, 1, 4], [], [2], [1, 1, 1, 1, 5]], [2, 3, 1, 4])
+    layout = build_layout(mask, seg, structure)
+    ranges = layout.key_ranges()
+    keys = torch.arange(layout.length)
+    in_range = torch.zeros_like(layout.allowed_mask())
+    for lo, hi in ((0, 1), (2, 3)):
+        in_range |= (keys >= ranges[..., lo, None]) & (keys < ranges[..., hi, None])
+    assert torch.equal(in_range, layout.allowed_mask())

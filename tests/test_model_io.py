@@ -127,3 +127,16 @@ def test_backends_agree_through_the_model(t5_checkpoint, tokenizer, episodes):
         results[backend] = (loss.detach(), grad.clone())
     torch.testing.assert_close(results["torch"][0], results["eager"][0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(results["torch"][1], results["eager"][1], rtol=1e-8, atol=1e-10)
+
+
+def test_training_works_after_inference_mode(t5_checkpoint, tokenizer, episodes):
+    """Nothing cached during an inference_mode pass may poison a later autograd pass."""
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, attn_backend="torch")
+    processor = ICLProcessor(tokenizer)
+    batch = processor(episodes)
+    labels = processor.encode_targets(["color", "y", "ok", "6"])
+    with torch.inference_mode():
+        model(**batch, labels=labels)
+    model.train()
+    model(**batch, labels=labels).loss.backward()
+    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad is not None

@@ -1,0 +1,338 @@
+"""Meta-training on Hugging Face ``Trainer``: one process on CPU, DDP/FSDP/DeepSpeed through ``torchrun`` or
+``accelerate launch`` (the engine's own distribution; nothing hand-written here).
+
+Python API::
+
+    from saicl.meta_train.train import TrainConfig, train, train_structures
+    result = train(TrainConfig(max_steps=2000, output_dir="runs/a"))   # -> TrainResult
+    results = train_structures(TrainConfig(max_steps=2000), ["saicl", "full", "fid"])  # same initialisation
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from saicl import ICLProcessor
+
+from .config import TrainConfig
+from .data import load_tasks, make_episode, read_split_config, resolve_config, sample_demonstrations
+from .episodes import EpisodeCollator, EpisodeDataset, SyntheticSource, TaskSource, fixed_episodes
+from .evaluate import option_accuracy
+from .models import build_model
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"  # checkpoints are written here, then renamed into place (atomic publish)
+FINAL = "final"  # the trained model in save_pretrained format: {output_dir}/final
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``model_dir`` holds the final model (``from_pretrained``-ready), ``None`` if the
+    run stopped on a non-finite loss (then ``last_checkpoint`` is the last good one)."""
+
+    structure: str
+    output_dir: str
+    model_dir: str | None
+    last_checkpoint: str | None
+    steps: int
+    wall_time_s: float
+    stopped: str  # "max_steps" or "nan"
+    losses: list[tuple[int, float]] = field(default_factory=list)  # logged (step, mean training loss)
+    step_losses: list[float] = field(default_factory=list)  # exact loss of each step run by this process
+    evals: list[dict] = field(default_factory=list)  # {"step", "eval_loss", "accuracy", "chance", "ratio"}
+    truncated: int = 0  # demonstrations + queries cut by the token caps
+    message: str = ""
+    rank_digests: list[str] = field(default_factory=list)  # sha256 of each rank's final weights
+    saving_ranks: list[int] = field(default_factory=list)  # ranks that wrote model/optimizer/state files
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def build_data(config: TrainConfig, world_size: int = 1):
+    """``(train_dataset, held-out episodes)`` for a config (synthetic stream or task files)."""
+    schedule = config.k_schedule
+    eval_k = config.eval_k if config.eval_k is not None else schedule.k_max
+    families = config.synthetic_families
+    if families is not None:
+        source = SyntheticSource(families, lookup={"n_labels": config.lookup_labels})
+        # Held-out tasks are fresh draws from another stream; lookup tasks get distinct labels, one
+        # per shown key, so guessing among the labels seen in the demonstrations is exactly chance.
+        held_out = SyntheticSource(families, lookup={"n_labels": max(1, min(eval_k, 8)), "distinct_labels": True})
+        eval_episodes = fixed_episodes(held_out, eval_k, config.eval_episodes, config.seed + 1)
+    else:
+        tasks = load_tasks(config.data, split="train", config=config.data_config, k=schedule.k_max, seed=100)
+        source = TaskSource(tasks, schedule.k_max)
+        eval_episodes = held_out_task_episodes(config, eval_k)
+    dataset = EpisodeDataset(source, schedule, config.max_steps * config.batch_size, config.seed,
+                             per_step=config.batch_size)
+    return dataset, eval_episodes
+
+
+def held_out_task_episodes(config: TrainConfig, k: int) -> list[dict]:
+    """Episodes of the split config's test tasks (MetaICL seed 100), queries spread evenly over tasks."""
+    config_path = resolve_config(config.data_config, Path(config.data) if Path(config.data).is_dir() else None)
+    if config_path is None or not read_split_config(config_path)["test"]:
+        logger.warning("no held-out test tasks in the split config: held-out evaluation is off")
+        return []
+    tasks = load_tasks(config.data, split="test", config=config.data_config, k=k, seed=100)
+    per_task = max(1, math.ceil(config.eval_episodes / len(tasks)))
+    episodes = []
+    for task in tasks.values():
+        demos = sample_demonstrations(task, k, seed=100)
+        episodes += [make_episode(demos, query) for query in task.test[:per_task]]
+    return episodes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class MetaTrainer(Trainer):
+    """``Trainer`` plus: a finite-loss guard, held-out accuracy in ``evaluate``, atomic checkpoints."""
+
+    def __init__(self, *args, accuracy_episodes: Sequence[dict] = (), processor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The model returns a mean loss (and ignores num_items_in_batch): tell Trainer, or it would
+        # rescale the loss by the number of processes under DDP.
+        self.model_accepts_loss_kwargs = False
+        self.accuracy_episodes = list(accuracy_episodes)
+        self.processor = processor
+        self.step_losses: list[float] = []
+        self._staging_root: str | None = None
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # Every rank must agree to stop, or the others would hang in the next all-reduce.
+        finite = torch.isfinite(loss.detach().float()).float().reshape(1)
+        if self.args.world_size > 1:
+            finite = self.accelerator.gather(finite).min()
+        if not bool(finite.item()):
+            raise NonFiniteLossError(f"the training loss is {loss.item()} at step {self.state.global_step + 1}")
+        self.step_losses.append(loss.item())
+        return loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.accuracy_episodes:
+            accuracy = option_accuracy(self.model, self.processor, self.processing_class, self.accuracy_episodes)
+            extra = {f"{metric_key_prefix}_{name}": value for name, value in accuracy.items()}
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+    def _get_output_dir(self, trial):
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Write ``checkpoint-N`` under ``.staging/`` and rename it into place once complete, so an
+        interrupted save never leaves a half-written checkpoint where resume would find it."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # leftover of a crash
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            publish(os.path.join(staging_root, name), os.path.join(run_dir, name))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def publish(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a completely written folder to ``dst`` by rename (replacing an older ``dst``)."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _LogAccuracy(TrainerCallback):
+    """Logs held-out accuracy as it comes (the progress bar shows only losses)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_accuracy" in logs and state.is_world_process_zero:
+            logger.info("step %d: held-out accuracy %.3f (chance %.3f)", state.global_step, logs["eval_accuracy"],
+                        logs.get("eval_chance", float("nan")))
+
+
+def training_arguments(config: TrainConfig, world_size: int, has_eval: bool) -> TrainingArguments:
+    """The ``TrainingArguments`` of a config (``batch_size`` is global: split over ``world_size``)."""
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {world_size} processes")
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size // world_size,
+        per_device_eval_batch_size=config.batch_size // world_size,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must be seen (the guard stops the run), not filtered
+        eval_strategy="steps" if has_eval and config.eval_steps else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        remove_unused_columns=False,  # keep segment_ids
+        train_sampling_strategy="sequential",  # episodes are already random per index (resumable order)
+        disable_tqdm=not config.progress,
+        dataloader_num_workers=config.num_workers,
+        use_cpu=not cuda,
+        ddp_backend=None if cuda or world_size == 1 else "gloo",
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        fsdp=config.fsdp,
+        deepspeed=config.deepspeed,
+    )
+
+
+def _resume_path(config: TrainConfig) -> str | None:
+    if config.resume is None:
+        stale = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        if stale is not None:
+            raise ValueError(
+                f"{config.output_dir} already holds {Path(stale).name}: pass --resume latest to continue it, "
+                "or choose another --output-dir"
+            )
+        return None
+    if config.resume == "latest":
+        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume latest: no checkpoint-N folder in {config.output_dir}")
+        return last
+    return config.resume
+
+
+def _evals(log_history: list[dict]) -> list[dict]:
+    by_step: dict[int, dict] = {}
+    for entry in log_history:
+        if any(key.startswith("eval_") for key in entry):
+            row = by_step.setdefault(entry["step"], {"step": entry["step"]})
+            row.update({key[5:]: value for key, value in entry.items() if key.startswith("eval_")})
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, in name order (equal digests = bitwise-equal weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Run one meta-training job and return its :class:`TrainResult` (only rank 0 writes files).
+
+    Raises:
+        ValueError: bad configuration or data (the message says what and where).
+    """
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resume = _resume_path(config)
+    model, tokenizer = build_model(config.model, config.structure, config.attn_backend, config.seed)
+    processor = ICLProcessor(tokenizer, template=config.template, max_demo_tokens=config.max_demo_tokens,
+                             max_query_tokens=config.max_query_tokens)
+    collator = EpisodeCollator(processor, config.max_target_tokens)
+    train_dataset, eval_episodes = build_data(config, world_size)
+    args = training_arguments(config, world_size, has_eval=bool(eval_episodes))
+    trainer = MetaTrainer(
+        model=model, args=args, data_collator=collator, train_dataset=train_dataset,
+        eval_dataset=eval_episodes or None, processing_class=tokenizer, callbacks=[_LogAccuracy(), *callbacks],
+        accuracy_episodes=eval_episodes, processor=processor,
+    )
+    stopped, message = "max_steps", ""
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLossError as err:
+        stopped = "nan"
+        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        message = f"{err}; stopped. The last good checkpoint is kept: {last or 'none was written yet'}"
+        logger.error(message)
+    output_dir = Path(config.output_dir)
+    model_dir = None
+    if stopped == "max_steps":
+        staging = output_dir / STAGING / FINAL
+        trainer.save_model(str(staging))  # writes on the main process only
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            (staging / "meta_train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+            publish(staging, output_dir / FINAL)
+        trainer.accelerator.wait_for_everyone()
+        model_dir = str(output_dir / FINAL)
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    from accelerate.utils import gather_object
+
+    rank_digests = gather_object([weights_digest(trainer.model)])
+    saving_ranks = [r for r, saves in enumerate(gather_object([trainer.args.should_save])) if saves]
+    history = trainer.state.log_history
+    return TrainResult(
+        structure=config.structure,
+        output_dir=str(output_dir),
+        model_dir=model_dir,
+        last_checkpoint=last,
+        steps=trainer.state.global_step,
+        wall_time_s=round(time.perf_counter() - start, 2),
+        stopped=stopped,
+        losses=[(e["step"], e["loss"]) for e in history if "loss" in e],
+        step_losses=trainer.step_losses,
+        evals=_evals(history),
+        truncated=collator.truncated,
+        message=message,
+        rank_digests=rank_digests,
+        saving_ranks=saving_ranks,
+    )
+
+
+def train_structures(config: TrainConfig, structures: Sequence[str] = ("saicl", "full", "fid"),
+                     callbacks: Sequence[TrainerCallback] = ()) -> dict[str, TrainResult]:
+    """Train each structure from the same initialisation and data (``config.seed``) into
+    ``{config.output_dir}/{structure}``."""
+    return {
+        s: train(config.replace(structure=s, output_dir=str(Path(config.output_dir) / s)), callbacks)
+        for s in structures
+    }
+
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "publish", "train", "train_structures"]
