@@ -38,7 +38,7 @@ from .memory import MARGIN, estimate_bytes, measure_cpu_cases, measure_cuda_peak
 GiB = 1024**3
 # Sizes for a 2-core CPU (the whole default sweep takes minutes) and for one GPU.
 CPU_DEFAULTS = dict(demos="4,16,64,128,256,1024,4096", dtype="float32", d_model=256, heads=4, head_dim=64,
-                    d_ff=1024, num_layers=2, num_decoder_layers=2, max_call_s=45.0)
+                    d_ff=1024, num_layers=2, num_decoder_layers=2, max_call_s=20.0)
 GPU_DEFAULTS = dict(demos="4,16,64,256,1024,4096,16384", dtype="bfloat16", d_model=768, heads=12, head_dim=64,
                     d_ff=3072, num_layers=12, num_decoder_layers=12, max_call_s=30.0)
 # Warm-up before the memory measurement unless one call takes longer than this (the warm-up then costs
@@ -71,7 +71,7 @@ class BenchConfig:
     option_len: int = 4
     repeats: int = 5
     budget_s: float = 5.0
-    max_call_s: float = 45.0
+    max_call_s: float = 20.0
     mem_limit_bytes: int | None = None
     measure_memory: bool = True
 
@@ -308,8 +308,9 @@ def _skip_summary(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[int]] = {}
     for r in rows:
         reason = r["reason"].split(" (from ")[0] if r["reason"].startswith("too slow") else r["reason"]
-        groups.setdefault((r["structure"], r["backend"], r["status"], reason), []).append(r["n_demos"])
-    return [f"{s}/{b} at {','.join(map(str, sorted(n)))} demos: {status}: {reason}"
+        structure = "all structures" if reason.startswith("backend unavailable") else r["structure"]
+        groups.setdefault((structure, r["backend"], r["status"], reason), []).append(r["n_demos"])
+    return [f"{s}/{b} at {','.join(map(str, sorted(set(n))))} demos: {status}: {reason}"
             for (s, b, status, reason), n in groups.items()]
 
 
@@ -333,7 +334,13 @@ def plot_rows(rows: list[dict], path: str | os.PathLike, what: str | None = None
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's CPU targets, checked against the rows (only those the sweep covered)."""
+    """The issue's CPU targets, checked on the device's default backend (``auto``) for the rows the sweep covered."""
+    from saicl.attention.registry import resolve_backend_name
+
+    if not rows:
+        return []
+    default = resolve_backend_name("auto", rows[0]["device"])
+    rows = [r for r in rows if r["backend"] == default]
     checks = []
     for r in rows:
         if (r["what"], r["structure"], r["pass"], r["n_demos"], r["demo_len"]) == ("encoder", "saicl", "fwd", 128, 64) \

@@ -5,6 +5,7 @@ Three levels (``what``):
 * ``attention``: one structured attention layer, ``backend.attend(q, k, v, prepared)`` on random
   ``(batch, length, heads, head_dim)`` inputs. ``fwd`` times the attend call with the per-forward state
   (segment plan, block mask, dense bias) built beforehand, as a model builds it once for all layers;
+  its peak memory includes that ``prepare`` (the bias blocks are what differs between structures).
   ``fwd+bwd`` times prepare + attend + backward into q, k, v and the bias table.
 * ``encoder``: ``model.encoder(...)`` of a randomly initialised SAICL model (layout, bias table, every layer).
 * ``model``: ``model.score_options(...)`` with ``n_options`` options of ``option_len`` tokens per episode
@@ -118,7 +119,7 @@ def _inputs(case: BenchCase) -> dict[str, torch.Tensor]:
             "segment_ids": seg.to(case.device)}
 
 
-def _attention_call(case: BenchCase) -> Callable[[], object]:
+def _attention_call(case: BenchCase, with_prepare: bool = False) -> Callable[[], object]:
     from saicl.attention import get_backend
     from saicl.testing import random_qkv, random_table
 
@@ -130,7 +131,7 @@ def _attention_call(case: BenchCase) -> Callable[[], object]:
     q, k, v = random_qkv(case.batch, layout.length, case.heads, case.head_dim, dtype=case.torch_dtype,
                          device=device, requires_grad=train)
     table = random_table(case.heads, 128, dtype=case.torch_dtype).to(device).requires_grad_(train)
-    if not train:
+    if not train and not with_prepare:
         prepared = backend.prepare(layout, table)
 
         def forward():
@@ -138,6 +139,13 @@ def _attention_call(case: BenchCase) -> Callable[[], object]:
                 return backend.attend(q, k, v, prepared)
 
         return forward
+    if not train:
+
+        def prepare_and_forward():
+            with torch.no_grad():
+                return backend.attend(q, k, v, backend.prepare(layout, table))
+
+        return prepare_and_forward
 
     def forward_backward():
         for t in (q, k, v, table):
@@ -203,13 +211,19 @@ def _model_call(case: BenchCase) -> Callable[[], object]:
     return forward_backward
 
 
-def build_call(case: BenchCase) -> Callable[[], object]:
-    """The zero-argument function that runs the case once (inputs and model built now, not timed)."""
+def build_call(case: BenchCase, for_memory: bool = False) -> Callable[[], object]:
+    """The zero-argument function that runs the case once (inputs and model built now, not timed).
+
+    ``for_memory``: at the attention level, include the per-forward ``prepare`` in the call (its bias
+    blocks are the memory that differs between structures; the timed call excludes it, see above).
+    """
     if case.what not in LEVELS:
         raise ValueError(f"what={case.what!r}: expected one of {LEVELS}")
     if case.pass_ not in PASSES:
         raise ValueError(f"pass={case.pass_!r}: expected one of {PASSES}")
-    return {"attention": _attention_call, "encoder": _encoder_call, "model": _model_call}[case.what](case)
+    if case.what == "attention":
+        return _attention_call(case, with_prepare=for_memory)
+    return {"encoder": _encoder_call, "model": _model_call}[case.what](case)
 
 
 def release_models() -> None:

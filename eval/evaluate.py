@@ -205,6 +205,8 @@ def evaluate_model(
     Returns:
         ``{"config", "tie_rule", "rows", "overall", "order", "skipped", "truncation"}`` (see docs/evaluation.md).
     """
+    from saicl.meta_train.data import sample_demonstrations
+
     model.eval()
     processor = ICLProcessor(
         tokenizer, template=config.template, query_template=config.query_template,
@@ -232,8 +234,6 @@ def evaluate_model(
             model.set_structure(structure)
             for k, seed, tasks in plan:
                 for name, task in tasks.items():
-                    from saicl.meta_train.data import sample_demonstrations
-
                     demos = sample_demonstrations(task, k, seed)
                     kind = task_kind(task)
                     bar.set_postfix_str(f"{structure} k={k} seed={seed} {name}"[:60])

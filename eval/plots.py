@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 Series = dict[str, list[tuple[float, float]]]
@@ -87,7 +88,9 @@ def loglog_panels(panels: dict[str, Series], path: str | Path, xlabel: str, titl
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # long legends can defeat tight_layout; the plot is still fine
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
