@@ -3,9 +3,9 @@
 Both functions batch episodes, run without autograd and never shuffle, so the result depends only on
 the model, the episodes and the batch size (deterministic on a fixed machine).
 
-Why ``torch.no_grad()`` and not ``torch.inference_mode()``: tensors created under inference mode and kept
-in a module-level cache (``saicl.positions._distance_buckets_cpu`` is an ``lru_cache``) break any later
-training in the same process ("Inference tensors cannot be saved for backward"). The speed is the same.
+Why ``torch.no_grad()`` and not ``torch.inference_mode()``: the main job trains and evaluates in one
+process, and an inference tensor that leaks into any cache breaks later training ("Inference tensors cannot
+be saved for backward"; saicl.positions once had such a cache, now fixed and tested). The speed is the same.
 """
 
 from __future__ import annotations

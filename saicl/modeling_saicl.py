@@ -132,7 +132,6 @@ class SAICLEncoder(nn.Module):
             segment_ids = torch.full(input_shape, QUERY_SEGMENT, dtype=torch.long, device=device)
         return build_layout(attention_mask, segment_ids, get_structure(self.config.structure))
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -186,6 +186,11 @@ def block_mask_from_mask_mod(
         torch.arange(length, device=device).view(1, 1, length),
     ).view(batch, blocks, BLOCK_SIZE, blocks, BLOCK_SIZE)
     count = dense.sum(dim=(2, 4), dtype=torch.int32)  # allowed pairs per (q block, kv block)
+    return _block_mask_from_counts(count, length, mask_mod)
+
+
+def _block_mask_from_counts(count: torch.Tensor, length: int, mask_mod: Callable[..., torch.Tensor]) -> BlockMask:
+    """:class:`BlockMask` from allowed-pair counts ``(batch, q blocks, kv blocks)``."""
     full = count == BLOCK_SIZE * BLOCK_SIZE  # whole blocks skip the mask_mod in the kernel
     partial = (count > 0) & ~full
 
@@ -225,19 +230,7 @@ def block_mask_from_key_ranges(
             for lo, hi in ((0, 1), (2, 3))
         )  # (batch, chunk rows, key blocks)
         counts.append(overlap.view(batch, -1, BLOCK_SIZE, blocks).sum(2))
-    count = torch.cat(counts, 1)  # (batch, q blocks, key blocks)
-    full = count == BLOCK_SIZE * BLOCK_SIZE  # whole blocks skip the mask_mod in the kernel
-    partial = (count > 0) & ~full
-
-    def ordered(block_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # (batch, 1, q blocks) counts and (batch, 1, q blocks, kv blocks) indices, listed blocks first.
-        num = block_dense.sum(-1, dtype=torch.int32)[:, None]
-        indices = torch.argsort(block_dense.to(torch.int8), dim=-1, descending=True, stable=True)
-        return num, indices.to(torch.int32)[:, None]
-
-    return BlockMask.from_kv_blocks(
-        *ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(length, length)
-    )
+    return _block_mask_from_counts(torch.cat(counts, 1), length, mask_mod)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: FlexPrepared) -> torch.Tensor:
