@@ -32,7 +32,7 @@ from saicl.attention.registry import backend_names, unavailable_reason
 from saicl.structures import STRUCTURES
 
 from .bench_cases import DTYPES, LEVELS, PASSES, BenchCase, build_call, case_flops, release_models
-from .cli import CLIError, comma_ints, comma_names, progress_bar, run_cli, write_json
+from .cli import CLIError, check_device, comma_ints, comma_names, progress_bar, run_cli, write_json
 from .memory import MARGIN, estimate_bytes, measure_cpu_cases, measure_cuda_peak, memory_limit_bytes
 
 GiB = 1024**3
@@ -427,8 +427,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                         ("--options", args.options), ("--option-len", args.option_len), ("--repeats", args.repeats)):
         if value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: CUDA is not available here")
+    check_device(args.device)
     if args.max_call_s <= 0 or args.budget_s <= 0:
         raise CLIError("--max-call-s and --budget-s must be positive")
     return BenchConfig(

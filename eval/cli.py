@@ -88,3 +88,18 @@ def run_cli(run: Callable[[list[str] | None], int], argv: list[str] | None, prog
 
 
 __all__ = ["CLIError", "comma_ints", "comma_names", "jsonable", "progress_bar", "run_cli", "write_json"]
+
+
+def check_device(flag_value: str) -> str:
+    """Validate a ``--device`` flag: a device torch knows and can use here (CLIError naming the flag)."""
+    import torch
+
+    try:
+        device = torch.device(flag_value)
+    except RuntimeError as err:
+        raise CLIError(f"--device {flag_value!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {flag_value}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {flag_value}: only cpu and cuda devices are supported")
+    return flag_value

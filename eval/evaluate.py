@@ -32,7 +32,7 @@ from saicl import ICLProcessor, SAICLForConditionalGeneration
 from saicl.structures import STRUCTURES
 
 from . import metrics
-from .cli import CLIError, comma_ints, comma_names, progress_bar, run_cli, write_json
+from .cli import CLIError, check_device, comma_ints, comma_names, progress_bar, run_cli, write_json
 from .scoring import generate_episodes, score_episodes
 
 DEFAULT_SEEDS = (100, 13, 21, 42, 87)
@@ -456,6 +456,7 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not Path(args.data).exists():
         raise CLIError(f"--data {args.data}: no such file or folder")
+    check_device(args.device)
     from saicl.attention.registry import check_backend_name
 
     try:

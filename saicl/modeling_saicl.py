@@ -224,6 +224,15 @@ class SAICLForConditionalGeneration(T5ForConditionalGeneration):
         self.config.attn_backend = attn_backend
         self.encoder.config.attn_backend = attn_backend
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Gradient checkpointing, always non-reentrant: the bias table is built once per encoder pass and
+        shared by every block, which reentrant checkpointing cannot back-propagate through twice."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant"):
+            raise ValueError("gradient_checkpointing_kwargs: use_reentrant=True is not supported; leave it unset")
+        kwargs["use_reentrant"] = False
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def get_encoder(self, modality: str | None = None) -> SAICLEncoder:
         return self.encoder
 

@@ -33,6 +33,7 @@ def test_help_lists_every_flag(capsys):
         pytest.param(["--demos", "4,x"], "--demos must be comma-separated integers", id="bad-demos"),
         pytest.param(["--heads", "0"], "--heads must be >= 1", id="bad-heads"),
         pytest.param(["--device", "cuda:7"], "CUDA is not available", id="no-cuda"),
+        pytest.param(["--device", "bogus"], "--device 'bogus'", id="bad-device"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(capsys, extra, message):

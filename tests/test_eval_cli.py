@@ -50,6 +50,7 @@ def test_help_lists_every_flag(capsys):
         pytest.param(["--structures", "saicl,dense"], "unknown structure 'dense'", id="bad-structure"),
         pytest.param(["--orders", "0"], "orders must be >= 1", id="bad-orders"),
         pytest.param(["--attn-backend", "warp"], "not a known backend", id="bad-backend"),
+        pytest.param(["--device", "bogus"], "--device 'bogus'", id="bad-device"),
     ],
 )
 def test_bad_flags_give_a_clear_message_and_exit_2(tiny_model, collection, capsys, extra, message):

@@ -140,3 +140,22 @@ def test_training_works_after_inference_mode(t5_checkpoint, tokenizer, episodes)
     model.train()
     model(**batch, labels=labels).loss.backward()
     assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch", "flex"])
+def test_autocast_bf16_on_padded_batch_stays_finite(backend, t5_checkpoint, tokenizer, episodes):
+    """Mixed precision (as Trainer's bf16=True runs it) on a padded batch: no NaN from fully masked rows."""
+    processor = ICLProcessor(tokenizer)
+    batch = processor(episodes)
+    assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
+    labels = processor.encode_targets(["color", "y", "ok", "6"])
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, attn_backend=backend).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch, labels=labels)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all()
+
+
+def test_reentrant_checkpointing_is_refused_clearly(t5_checkpoint):
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint)
+    with pytest.raises(ValueError, match="use_reentrant=True is not supported"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -46,9 +46,13 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared:
         ``(batch, length, heads, head_dim)``; rows of padding tokens are zero.
     """
     check_qkv(q, k, v, prepared.layout)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) + prepared.bias.to(q.dtype)
-    # Half-precision inputs get an fp32 softmax; float64 stays float64.
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    # Half precision (also under autocast) gets fp32 scores and softmax; float64 stays float64. The clamp
+    # keeps a mask minimum that became -inf in a lower-precision cast finite, so fully masked (padding)
+    # rows stay NaN-free.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).to(compute)
+    scores = scores + prepared.bias.to(compute).clamp_min(torch.finfo(compute).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out * prepared.valid[:, :, None, None].to(out.dtype)
 
