@@ -21,7 +21,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,12 +93,8 @@ def parse_row(row: object, where: str, task: str | None = None) -> Example:
     return Example(input=row["input"], output=row["output"], options=tuple(options), task=name)
 
 
-def read_jsonl(path: str | os.PathLike, task: str | None = None) -> list[Example]:
-    """All examples of a ``.jsonl`` file, validated; errors name the file and line (blank lines are skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    examples = []
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a ``.jsonl`` file; errors name file and line."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -107,7 +103,17 @@ def read_jsonl(path: str | os.PathLike, task: str | None = None) -> list[Example
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
-            examples.append(parse_row(row, f"{path}, line {number}", task))
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object")
+            yield number, row
+
+
+def read_jsonl(path: str | os.PathLike, task: str | None = None) -> list[Example]:
+    """All examples of a ``.jsonl`` file, validated; errors name the file and line (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples = [parse_row(row, f"{path}, line {number}", task) for number, row in iter_jsonl_rows(path)]
     if not examples:
         raise DataError(f"{path}: the file holds no examples")
     return examples

@@ -14,13 +14,12 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, Example
+from .data import DataError, Example, iter_jsonl_rows
 
 MAX_CHARS = 1200  # long passages are cut (characters) so converted files stay small; token caps apply later
 _OPTION_RE = re.compile(r"^\s*([A-Z])[.)]\s*(.*?)\s*$")
@@ -38,20 +37,6 @@ def package_data_dir(package: str) -> Path | None:
 def _clip(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS].rsplit(" ", 1)[0] + " ..."
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object")
-            yield number, row
 
 
 def parse_letter_options(options: str) -> dict[str, str]:
@@ -97,7 +82,7 @@ def _jsonl_reader(relative: str, convert: Callable[[dict], Example | None]):
         if not path.is_file():
             raise DataError(f"{path}: expected file is missing (is the package version right?)")
         examples, skipped = [], 0
-        for _, row in _read_jsonl(path):
+        for _, row in iter_jsonl_rows(path):
             example = convert(row)
             if example is None:
                 skipped += 1
