@@ -43,8 +43,9 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "tokenizers"],
+        "test": ["pytest>=8", "ruff>=0.6", "sentencepiece", "tokenizers", "hypothesis>=6"],
         "xformers": ["xformers"],
+        "mutation": ["mutmut>=3.3,<4"],  # mutation testing of the core (docs/testing.md); not part of CI
     },
     entry_points={
         "console_scripts": [

@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 
 from saicl.attention.registry import backend_names, unavailable_reason
+from saicl.outputs import atomic_path, save_results, validate_output_file
 from saicl.structures import STRUCTURES
 
 from .bench_cases import DTYPES, LEVELS, PASSES, BenchCase, build_call, case_flops, release_models
 from .cli import CLIError, check_device, comma_ints, comma_names, progress_bar, run_cli, write_json
 from .memory import MARGIN, estimate_bytes, measure_cpu_cases, measure_cuda_peak, memory_limit_bytes
 
+PROG = "saicl-bench"
 GiB = 1024**3
 # Sizes for a 2-core CPU (the whole default sweep takes minutes) and for one GPU.
 CPU_DEFAULTS = dict(demos="4,16,64,128,256,1024,4096", dtype="float32", d_model=256, heads=4, head_dim=64,
@@ -257,14 +259,12 @@ CSV_FIELDS = ("what", "structure", "backend", "pass", "n_demos", "demo_len", "qu
 def write_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     import csv
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:  # never a truncated CSV under path
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k) for k in CSV_FIELDS})
-    return path
+    return Path(path)
 
 
 def _num(value, fmt: str) -> str:
@@ -424,12 +424,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for flag, value in (("--demo-len", args.demo_len), ("--query-len", args.query_len), ("--batch", args.batch),
                         ("--heads", args.heads), ("--head-dim", args.head_dim), ("--d-model", args.d_model),
                         ("--d-ff", args.d_ff), ("--layers", args.layers), ("--decoder-layers", args.decoder_layers),
-                        ("--options", args.options), ("--option-len", args.option_len), ("--repeats", args.repeats)):
+                        ("--options", args.options), ("--option-len", args.option_len), ("--repeats", args.repeats),
+                        ("--vocab-size", args.vocab_size)):
         if value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
     check_device(args.device)
     if args.max_call_s <= 0 or args.budget_s <= 0:
         raise CLIError("--max-call-s and --budget-s must be positive")
+    if args.mem_limit_gb is not None and not (math.isfinite(args.mem_limit_gb) and args.mem_limit_gb > 0):
+        raise CLIError(f"--mem-limit-gb must be a positive number of GiB, got {args.mem_limit_gb:g}")
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None:  # before the sweep: a bad path must not cost the run
+            validate_output_file(path, flag)
     return BenchConfig(
         levels=tuple(comma_names(args.what, "--what", list(LEVELS))),
         structures=tuple(comma_names(args.structures, "--structures", sorted(STRUCTURES))),
@@ -439,7 +445,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         device=args.device, d_model=args.d_model, d_ff=args.d_ff, num_layers=args.layers,
         num_decoder_layers=args.decoder_layers, vocab_size=args.vocab_size, n_options=args.options,
         option_len=args.option_len, repeats=args.repeats, budget_s=args.budget_s, max_call_s=args.max_call_s,
-        mem_limit_bytes=int(args.mem_limit_gb * GiB) if args.mem_limit_gb else None,
+        mem_limit_bytes=int(args.mem_limit_gb * GiB) if args.mem_limit_gb is not None else None,
         measure_memory=not args.no_memory,
     )
 
@@ -469,22 +475,25 @@ def _run(argv: list[str] | None) -> int:
     print(markdown_table(result["rows"]))
     for check in result["targets"]:
         print(f"target: {check['target']}: {'MET' if check['met'] else 'NOT MET'} ({check['value']})")
-    if args.json:
-        print(f"json: {write_json(args.json, result)}")
-    if args.csv:
-        print(f"csv: {write_csv(result['rows'], args.csv)}")
-    if args.plot:
-        print(f"plot: {plot_rows(result['rows'], args.plot)}")
+    saved = True
+    writers = (("--json", args.json, lambda tmp: write_json(tmp, result)),
+               ("--csv", args.csv, lambda tmp: write_csv(result["rows"], tmp)),
+               ("--plot", args.plot, lambda tmp: plot_rows(result["rows"], tmp)))
+    for flag, path, write in writers:
+        if path is not None:  # a write that fails now keeps the results beside the run (one line on stderr)
+            where, ok = save_results(path, write, flag, PROG)
+            saved &= ok
+            if ok:
+                print(f"{flag[2:]}: {where}")
     failed = [r for r in result["rows"] if r["status"] == "error"]
     if failed:
-        print(f"saicl-bench: {len(failed)} configuration(s) failed; see their 'reason'", file=sys.stderr)
-        return 1
-    return 0
+        print(f"{PROG}: {len(failed)} configuration(s) failed; see their 'reason'", file=sys.stderr)
+    return 0 if saved and not failed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of ``saicl-bench`` (exit code 0 only if no configuration failed)."""
-    return run_cli(_run, argv, "saicl-bench")
+    return run_cli(_run, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One measured configuration; its fields become the JSON row (DESIGN §7 plus the model shape)."""
+    """One measured configuration; its fields become the JSON row (docs/design.md §7 plus the model shape)."""
 
     what: str
     structure: str

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from saicl.outputs import atomic_write_json, save_results
 
 
 class CLIError(ValueError):
@@ -53,11 +55,20 @@ def jsonable(value):
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    """Write ``data`` as strict, indented JSON (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
-    return path
+    """Write ``data`` as strict, indented JSON (parents created), atomically: a reader or a crash sees the old
+    file or the complete new one, never a partial one."""
+    return atomic_write_json(path, jsonable(data))
+
+
+def save_json(path: str | os.PathLike, data, flag: str, prog: str, beside: Sequence[str | os.PathLike] = ()) -> bool:
+    """:func:`write_json` for a tool's results: if ``path`` cannot be written at the end of a run, the results
+    go beside the run (``beside``, the current folder or the temporary folder) with one line on stderr.
+
+    Returns:
+        whether the results are at ``path`` (the caller then exits with 1 if not).
+    """
+    text = json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n"
+    return save_results(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), flag, prog, beside)[1]
 
 
 def progress_bar(total: int, description: str, enabled: bool = True):
@@ -82,12 +93,16 @@ def run_cli(run: Callable[[list[str] | None], int], argv: list[str] | None, prog
     except ValueError as err:  # data errors (saicl.meta_train.data.DataError) and bad settings
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine, not the user: a disk that filled up, a folder that went away
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
-__all__ = ["CLIError", "comma_ints", "comma_names", "jsonable", "progress_bar", "run_cli", "write_json"]
+__all__ = ["CLIError", "check_device", "comma_ints", "comma_names", "jsonable", "progress_bar", "run_cli", "save_json",
+           "write_json"]
 
 
 def check_device(flag_value: str) -> str:

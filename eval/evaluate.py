@@ -22,17 +22,19 @@ import argparse
 import math
 import random
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from saicl import ICLProcessor, SAICLForConditionalGeneration
+from saicl import ICLProcessor, SAICLForConditionalGeneration, TruncationReport
+from saicl.outputs import validate_output_dir, validate_output_file
 from saicl.structures import STRUCTURES
 
 from . import metrics
-from .cli import CLIError, check_device, comma_ints, comma_names, progress_bar, run_cli, write_json
+from .cli import CLIError, check_device, comma_ints, comma_names, progress_bar, run_cli, save_json
 from .scoring import generate_episodes, score_episodes
 
 DEFAULT_SEEDS = (100, 13, 21, 42, 87)
@@ -41,12 +43,17 @@ DEFAULT_SEEDS = (100, 13, 21, 42, 87)
 ORDER_TOLERANCE = 1e-4
 
 
+class IdenticalSeedsWarning(UserWarning):
+    """Every seed drew the same demonstrations for a task (its pool holds exactly k): the spread over
+    seeds (worst, std) is 0 by construction, not a measurement."""
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate and how (the CLI flags map one to one onto these fields).
 
     Attributes:
-        data: task collection (DESIGN §6): a ``.jsonl`` file or a MetaICL folder.
+        data: task collection (format: docs/design.md): a ``.jsonl`` file or a MetaICL folder.
         split: ``"test"`` (held-out tasks) or ``"train"`` of the split config.
         split_config: split config path or shipped name (default: ``splits.json`` in the folder, if any).
         structures: encoder structures to evaluate the same weights under.
@@ -95,6 +102,7 @@ class TaskRun:
 
     predictions: list[list[str]] = field(default_factory=list)  # [order][query]
     scores: list[list[list[float]]] = field(default_factory=list)  # [order][query][option]; empty for generation
+    truncation: TruncationReport = field(default_factory=TruncationReport)  # order 0's episodes, every batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,6 +172,7 @@ def run_task(
 
     queries = task.test[: config.max_queries] if config.max_queries else task.test
     run = TaskRun()
+    processor.reset_truncation()
     for order in range(config.orders):
         demos = [demonstrations[i] for i in order_permutation(len(demonstrations), seed, order)]
         episodes = [make_episode(demos, q) for q in queries]
@@ -177,6 +186,8 @@ def run_task(
             run.predictions.append(
                 [e["options"][metrics.choose_option(s)] for e, s in zip(episodes, scores)]
             )
+        if order == 0:  # other orders re-encode the same texts: count each episode once
+            run.truncation = processor.reset_truncation()
     return run
 
 
@@ -203,7 +214,10 @@ def evaluate_model(
     The model is put in eval mode; its structure is restored afterwards.
 
     Returns:
-        ``{"config", "tie_rule", "rows", "overall", "order", "skipped", "truncation"}`` (see docs/evaluation.md).
+        ``{"config", "tie_rule", "rows", "overall", "order", "skipped", "identical_seeds", "truncation",
+        "truncation_counted"}`` (see docs/evaluation.md). ``truncation`` counts what the token caps cut,
+        each distinct episode once; ``identical_seeds`` lists the ``(k, task)`` whose seeds all drew the
+        same demonstrations (each row says so in ``seeds_differ``).
     """
     from saicl.meta_train.data import sample_demonstrations
 
@@ -224,9 +238,10 @@ def evaluate_model(
     ) * len(config.structures)
     if total == 0:
         raise CLIError(f"{config.data}: nothing to evaluate (every task was skipped: {skipped[:3]} ...)")
+    identical = identical_seed_draws(plan, config.seeds)
 
     original_structure = model.config.structure
-    truncated = {"demonstrations": 0, "queries": 0, "tokens_dropped": 0}
+    truncated = TruncationReport()
     raw: dict[tuple[str, int, str], dict[int, tuple[TaskRun, list[str], str]]] = {}
     bar = progress_bar(total, f"eval {label}".strip(), enabled=show_progress)
     try:
@@ -238,16 +253,16 @@ def evaluate_model(
                     kind = task_kind(task)
                     bar.set_postfix_str(f"{structure} k={k} seed={seed} {name}"[:60])
                     run = run_task(model, processor, task, demos, kind, config, seed, bar.update)
-                    report = processor.last_truncation
-                    truncated["demonstrations"] += report.demonstrations
-                    truncated["queries"] += report.queries
-                    truncated["tokens_dropped"] += report.tokens_dropped
+                    if structure == config.structures[0]:  # the processor's output does not depend on it
+                        truncated.add(run.truncation)
                     queries = task.test[: config.max_queries] if config.max_queries else task.test
                     raw.setdefault((structure, k, name), {})[seed] = (run, [q.output for q in queries], kind)
     finally:
         bar.close()
         model.set_structure(original_structure)
     rows, overall, order = _summarize(raw, config)
+    for row in rows:
+        row["seeds_differ"] = (row["k"], row["task"]) not in {(i["k"], i["task"]) for i in identical}
     return {
         "config": asdict(config),
         "tie_rule": f"lowest mean NLL after rounding to {metrics.TIE_DECIMALS} decimals; ties -> first listed option",
@@ -256,8 +271,44 @@ def evaluate_model(
         "overall": overall,
         "order": order,
         "skipped": skipped,
-        "truncation": truncated,
+        "identical_seeds": identical,
+        "truncation": truncated.counts(),  # numbers only: callers sum these over runs
+        "truncation_counted": TRUNCATION_COUNTED,
     }
+
+
+TRUNCATION_COUNTED = "every distinct episode once (first demonstration order), summed over k, seeds and tasks"
+
+
+def identical_seed_draws(plan: list[tuple[int, int, dict]], seeds: Sequence[int]) -> list[dict]:
+    """``(k, task)`` pairs for which every seed draws the same demonstrations in the same order.
+
+    Then the spread over seeds is 0 by construction: each is reported in the JSON (``identical_seeds``)
+    and, for ``k > 0``, with an :class:`IdenticalSeedsWarning` (the usual cause: a pool of exactly ``k``).
+    """
+    from saicl.meta_train.data import sample_demonstrations
+
+    if len(seeds) < 2:
+        return []
+    draws: dict[tuple[int, str], list[tuple[int, list, int]]] = {}
+    for k, seed, tasks in plan:
+        for name, task in tasks.items():
+            draws.setdefault((k, name), []).append((seed, sample_demonstrations(task, k, seed), len(task.train)))
+    identical = []
+    for (k, name), per_seed in draws.items():
+        if len(per_seed) < 2 or any(demos != per_seed[0][1] for _, demos, _ in per_seed):
+            continue
+        pools = sorted({pool for _, _, pool in per_seed})
+        reason = "k=0: no demonstrations" if k == 0 else f"demonstration pool of {pools[0]} = k" if pools == [k] \
+            else "every seed drew the same demonstrations"
+        identical.append({"k": k, "task": name, "seeds": [s for s, _, _ in per_seed], "reason": reason})
+        if k > 0:
+            warnings.warn(
+                f"task {name!r}, k={k}: all {len(per_seed)} seeds get the same demonstrations in the same order "
+                f"({reason}); its worst/std over seeds are 0 by construction",
+                IdenticalSeedsWarning, stacklevel=3,
+            )
+    return identical
 
 
 def _summarize(raw: dict, config: EvalConfig) -> tuple[list[dict], list[dict], list[dict]]:
@@ -349,6 +400,10 @@ def markdown_tables(results: dict) -> str:
             lines.append(f"| {row['structure']} | {row['k']} | {_fmt(row['metric_spread'])} | "
                          f"{_fmt(row['agreement'])} | {diff} | {invariant} |")
         lines.append("")
+    same = [f"{i['task']} (k={i['k']})" for i in results.get("identical_seeds", []) if i["k"] > 0]
+    if same:
+        lines += ["Seeds identical (one demonstration set, no spread over seeds): " + "; ".join(same[:10])
+                  + (" ..." if len(same) > 10 else ""), ""]
     if results["skipped"]:
         reasons = sorted({f"{s['task']} (k={s['k']}): {s['reason']}" for s in results["skipped"]})
         lines += ["Skipped: " + "; ".join(reasons[:10]) + (" ..." if len(reasons) > 10 else ""), ""]
@@ -387,16 +442,20 @@ def plot_results(results: dict, out_dir: str | Path, title: str = "") -> list[Pa
 # Command line
 
 
-def load_checkpoint(path: str, tokenizer_name: str | None, attn_backend: str, device: str, dtype: str):
-    """``(model, tokenizer)`` from a ``save_pretrained`` folder (any T5 or SAICL checkpoint)."""
+def load_checkpoint(path: str, tokenizer_name: str | None, attn_backend: str, device: str, dtype: str,
+                    structure: str | None = None):
+    """``(model, tokenizer)`` from a ``save_pretrained`` folder (any T5 or SAICL checkpoint).
+
+    The folder is validated first (:func:`saicl.checkpoints.load_model`): a missing, truncated or empty
+    file is named. ``structure`` overrides the one in ``config.json`` (also an unknown one).
+    """
     from transformers import AutoTokenizer, ByT5Tokenizer
 
-    if not Path(path).is_dir():
-        raise CLIError(f"--checkpoint {path}: no such folder (expected a save_pretrained checkpoint)")
-    if not (Path(path) / "config.json").is_file():
-        raise CLIError(f"--checkpoint {path}: no config.json inside (expected a save_pretrained checkpoint)")
+    from saicl.checkpoints import load_model
+
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = SAICLForConditionalGeneration.from_pretrained(path, attn_backend=attn_backend, dtype=torch_dtype)
+    overrides = {"structure": structure} if structure is not None else {}
+    model = load_model(path, "--checkpoint", attn_backend=attn_backend, dtype=torch_dtype, **overrides)
     model.to(device)
     if tokenizer_name == "byt5":
         return model, ByT5Tokenizer()
@@ -416,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="save_pretrained folder of a T5 or SAICL model")
     parser.add_argument("--data", required=True,
-                        help="task collection (DESIGN §6): a .jsonl file or a MetaICL folder with splits.json")
+                        help="task collection (docs/design.md): a .jsonl file or a MetaICL folder with splits.json")
     parser.add_argument("--split", default="test", choices=["test", "train"],
                         help="which tasks of the split config to evaluate (default: the held-out test tasks)")
     parser.add_argument("--split-config", default=None,
@@ -454,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    # every output path checked before any work: a bad path must not cost the evaluation (saicl.outputs)
+    plot_dir = args.plot_dir or (str(Path(args.json).parent) if args.json else None)
+    if args.json:
+        validate_output_file(args.json, "--json")
+    if plot_dir:
+        validate_output_dir(plot_dir, "--plot-dir" if args.plot_dir else "--json")
     if not Path(args.data).exists():
         raise CLIError(f"--data {args.data}: no such file or folder")
     check_device(args.device)
@@ -471,18 +536,31 @@ def _run(argv: list[str] | None) -> int:
         max_queries=args.max_queries, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         max_demo_tokens=args.max_demo_tokens, max_query_tokens=args.max_query_tokens, template=args.template,
     )
-    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.attn_backend, args.device, args.dtype)
-    results = evaluate_model(model, tokenizer, config, show_progress=not args.no_progress)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.attn_backend, args.device, args.dtype,
+                                       structure=config.structures[0])
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        results = evaluate_model(model, tokenizer, config, show_progress=not args.no_progress)
     results["checkpoint"] = args.checkpoint
     print(markdown_tables(results))
-    if args.json:
-        write_json(args.json, results)
-        print(f"results: {args.json}")
-    plot_dir = args.plot_dir or (str(Path(args.json).parent) if args.json else None)
+    saved = True
+    if args.json:  # atomic; if it fails now, the results are saved beside the run (one line on stderr)
+        saved = save_json(args.json, results, "--json", "saicl-eval")
+        if saved:
+            print(f"results: {args.json}")
     if plot_dir:
-        for path in plot_results(results, plot_dir):
-            print(f"plot: {path}")
-    return 0
+        try:
+            for path in plot_results(results, plot_dir):
+                print(f"plot: {path}")
+        except OSError as err:
+            print(f"saicl-eval: error: could not write the plots into {plot_dir} ({err.strerror or err})",
+                  file=sys.stderr)
+            saved = False
+    return 0 if saved else 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"saicl-eval: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,23 +8,30 @@
    demonstrations);
 4. write ``{out}/report.md`` with the tables and plots, and ``{out}/results.json``.
 
-About 15 minutes on a 2-core CPU with the defaults.
+About 6-8 minutes on an idle 2-core CPU with the defaults (more on a busy machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .cli import CLIError, comma_ints, comma_names, run_cli, write_json
+from saicl.outputs import OwnedDir, check_ownership, validate_output_file
 
-MARKER = ".saicl-report"  # marks a folder as written by this job (only such a folder is ever overwritten)
+from .cli import CLIError, comma_ints, comma_names, run_cli, save_json
+
+TOOL = "saicl-run"
+LEGACY_MARKER = ".saicl-report"  # the marker of report folders written before saicl.outputs existed
+# Everything the job writes into --out: only these entries, and only if this job wrote them, are replaced.
+ARTEFACTS = ("runs", "data", "results.json", "report.md", "bench.csv", "bench_attention.png", "bench_encoder.png",
+             "bench_model.png", "eval_scaling.png", "eval_structures.png", "train_loss.png",
+             "train_heldout_accuracy.png")
 
 
 @dataclass
@@ -34,8 +41,8 @@ class MainJobConfig:
     out: str = "saicl-report"
     train: bool = True
     structures: tuple[str, ...] = ("saicl", "full", "fid")
-    # The pipeline's default run has 4000 steps (~13 min per structure on 2 idle CPU cores, 3x that on a
-    # busy machine); 1200 keep the whole job at ~6 min idle and under ~15 min busy. None: the pipeline's.
+    # Fewer than saicl-train's default (TrainConfig.max_steps) so the whole job stays at ~6-8 minutes on
+    # 2 idle CPU cores (more on a busy machine). None: saicl-train's default.
     max_steps: int | None = 1200
     eval_k: tuple[int, ...] = (2, 4)
     eval_seeds: tuple[int, ...] = (100, 13, 21, 42, 87)
@@ -52,14 +59,43 @@ class MainJobConfig:
     progress: bool = True
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out``; an existing folder is reused only if this job wrote it (its runs are cleared)."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise CLIError(f"--out {out}: the folder exists and was not written by saicl-run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by saicl-run; the whole folder may be overwritten by the next run\n")
-    for child in ("runs", "data"):
-        shutil.rmtree(out / child, ignore_errors=True)
+def claim_out_dir(out: Path) -> OwnedDir:
+    """Claim ``out`` for this run (created if needed, locked until released): an existing folder is reused only
+    if saicl-run wrote it, and only the job's own files in it are replaced (its old runs and data are cleared).
+
+    Raises:
+        OwnershipError naming --out: the folder holds the user's files, or another run is writing into it.
+    """
+    owned = OwnedDir.claim(out, TOOL, "--out", adopt=lambda folder: (folder / LEGACY_MARKER).is_file())
+    try:
+        owned.check_free(ARTEFACTS)
+        owned.record(*ARTEFACTS)
+        for child in ("runs", "data"):
+            owned.remove(child)
+    except BaseException:
+        owned.release()
+        raise
+    return owned
+
+
+def validate_config(config: MainJobConfig) -> None:
+    """Every setting checked before the expensive phases (CLIError / OutputPathError naming the flag)."""
+    from saicl.attention.registry import backend_names
+    from saicl.meta_train.data import load_tasks
+    from saicl.meta_train.synthetic import write_synthetic_collection
+
+    check_ownership(config.out, TOOL, "--out", adopt=lambda folder: (folder / LEGACY_MARKER).is_file())
+    if config.bench:
+        comma_names(",".join(config.bench_backends), "--bench-backends", backend_names())
+    # The held-out collection is tiny and deterministic: build it once here to learn its pool sizes.
+    with tempfile.TemporaryDirectory(prefix="saicl-run-check-") as tmp:
+        data = write_synthetic_collection(tmp, seed=0, families=config.eval_families, n_train_tasks=1,
+                                          n_test_tasks=config.eval_tasks, n_queries=1)
+        largest = max(len(task.train) for task in load_tasks(data, split="test", k=0).values())
+    too_big = [k for k in config.eval_k if k > largest]
+    if too_big:
+        raise CLIError(f"--eval-k {','.join(map(str, too_big))}: the held-out {'/'.join(config.eval_families)} "
+                       f"tasks have {largest} demonstration candidates; use values <= {largest}")
 
 
 def train_models(config: MainJobConfig, out: Path) -> tuple[dict, dict, dict, list[str]]:
@@ -90,21 +126,22 @@ def train_models(config: MainJobConfig, out: Path) -> tuple[dict, dict, dict, li
     return models, results, train_config.to_dict(), notes
 
 
-def evaluate_models(config: MainJobConfig, models: dict, data: Path, out: Path) -> dict:
+def evaluate_models(config: MainJobConfig, models: dict, data: Path, out: Path, notes: list[str] | None = None) -> dict:
     """Evaluate each model under its own structure; returns one merged result (a column per model).
 
     Writes ``eval_scaling.png`` (metric against k) and ``eval_structures.png`` into ``out``.
     """
     from transformers import AutoTokenizer, ByT5Tokenizer
 
-    from saicl import SAICLForConditionalGeneration
+    from saicl.checkpoints import load_model
 
     from .evaluate import EvalConfig, evaluate_model, plot_results
 
     merged: dict = {}
+    notes = [] if notes is None else notes
     for structure, source in models.items():
         if isinstance(source, str):
-            model = SAICLForConditionalGeneration.from_pretrained(source)
+            model = load_model(source, f"the trained {structure} model")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError, TypeError):
@@ -119,15 +156,18 @@ def evaluate_models(config: MainJobConfig, models: dict, data: Path, out: Path) 
             merged = result
             merged["config"]["structures"] = list(models)
         else:
-            for key in ("rows", "overall", "order", "skipped"):
-                merged[key] += result[key]
+            for key in ("rows", "overall", "order", "skipped", "identical_seeds"):
+                merged[key] = merged.get(key, []) + result.get(key, [])
+            # every structure draws the same demonstrations: list each (task, k) once
+            merged["identical_seeds"] = list({(i["task"], i["k"]): i for i in merged["identical_seeds"]}.values())
             for key, value in result["truncation"].items():
                 merged["truncation"][key] += value
-    plot_results(merged, out, title="Held-out metric (each model under its own structure)")
+    _write_or_note(notes, "the evaluation plots",
+                   lambda: plot_results(merged, out, title="Held-out metric (each model under its own structure)"))
     return merged
 
 
-def run_benchmark(config: MainJobConfig, out: Path) -> tuple[dict, str]:
+def run_benchmark(config: MainJobConfig, out: Path, notes: list[str]) -> tuple[dict, str]:
     from .bench import BenchConfig, plot_rows, run_bench, write_csv
 
     bench_config = BenchConfig(
@@ -140,23 +180,45 @@ def run_benchmark(config: MainJobConfig, out: Path) -> tuple[dict, str]:
                f"--d-ff {bench_config.d_ff} --heads {bench_config.heads} --head-dim 64 --repeats 3 --budget-s 2 "
                f"--max-call-s {config.bench_max_call_s:g}")
     result = run_bench(bench_config, show_progress=config.progress)
-    write_csv(result["rows"], out / "bench.csv")
+    _write_or_note(notes, "bench.csv", lambda: write_csv(result["rows"], out / "bench.csv"))
     for what in config.bench_what:
-        plot_rows(result["rows"], out / f"bench_{what}.png", what=what)
+        name = f"bench_{what}.png"
+        _write_or_note(notes, name, lambda name=name, what=what: plot_rows(result["rows"], out / name, what=what))
     return result, command
 
 
+def _write_or_note(notes: list[str], name: str, write) -> bool:
+    """Write one report file; if the machine refuses (disk full, ...), say so in one line and carry on: the
+    results are still written to results.json (or beside the run)."""
+    try:
+        write()
+        return True
+    except OSError as err:
+        note = f"could not write {name} ({err.strerror or err})"
+        print(f"{TOOL}: error: {note}", file=sys.stderr)
+        notes.append(note)
+        return False
+
+
 def run_main_job(config: MainJobConfig, command: str = "saicl-run") -> dict:
-    """Run the whole loop; returns the summary (also written to ``{out}/results.json``)."""
+    """Run the whole loop; returns the summary (also written to ``{out}/results.json``).
+
+    Every setting is checked first (:func:`validate_config`); ``--out`` is then claimed and locked for the run.
+    """
+    start = time.perf_counter()
+    validate_config(config)
+    out = Path(config.out)
+    with claim_out_dir(out):
+        return _run_job(config, command, out, start)
+
+
+def _run_job(config: MainJobConfig, command: str, out: Path, start: float) -> dict:
     from saicl import __version__
     from saicl.meta_train.synthetic import write_synthetic_collection
 
     from .bench import machine_info
     from .report import training_plots, write_report
 
-    start = time.perf_counter()
-    out = Path(config.out)
-    prepare_out_dir(out)
     phases, notes = {}, []
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -182,15 +244,15 @@ def run_main_job(config: MainJobConfig, command: str = "saicl-run") -> dict:
     phases["meta-training"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluation = evaluate_models(config, models, data, out)
+    evaluation = evaluate_models(config, models, data, out, notes)
     phases["evaluation"] = time.perf_counter() - t
     bench, bench_command = None, ""
     if config.bench:
         t = time.perf_counter()
-        bench, bench_command = run_benchmark(config, out)
+        bench, bench_command = run_benchmark(config, out, notes)
         phases["benchmark"] = time.perf_counter() - t
     if training:
-        training_plots(training, out)
+        _write_or_note(notes, "the training plots", lambda: training_plots(training, out))
     summary = {
         "command": command, "version": __version__, "machine": machine_info(device), "config": asdict(config),
         "notes": notes, "phases": phases, "train_config": train_config, "training": training,
@@ -204,12 +266,16 @@ def run_main_job(config: MainJobConfig, command: str = "saicl-run") -> dict:
         "evaluation": evaluation, "bench": bench, "bench_command": bench_command,
     }
     summary["wall_s"] = time.perf_counter() - start
-    write_json(out / "results.json", summary)
-    write_report(out, summary)
+    # results.json first (beside the run if --out cannot be written now), then the report that renders it
+    saved = save_json(out / "results.json", summary, "--out", TOOL)
+    saved &= _write_or_note(notes, "report.md", lambda: write_report(out, summary))
+    summary["report_written"] = saved
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from saicl.meta_train.config import TrainConfig
+
     d = MainJobConfig()
     parser = argparse.ArgumentParser(prog="saicl-run", description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -217,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=d.out, help=f"report folder (default: ./{d.out}); reused only if a "
                         "previous saicl-run wrote it")
     parser.add_argument("--max-steps", type=int, default=d.max_steps,
-                        help=f"meta-training steps per structure (default: {d.max_steps}; the pipeline's default run "
-                        "has 4000, ~13 minutes per structure on 2 idle CPU cores)")
+                        help=f"meta-training steps per structure (default: {d.max_steps}; saicl-train's own default is "
+                        f"{TrainConfig().max_steps})")
     parser.add_argument("--no-train", action="store_true", help="skip meta-training: evaluate untrained weights")
     parser.add_argument("--structures", default=",".join(d.structures), help="structures to train and evaluate")
     parser.add_argument("--eval-k", default=",".join(map(str, d.eval_k)), help="demonstration counts to evaluate")
@@ -246,6 +312,8 @@ def _run(argv: list[str] | None) -> int:
     from saicl.structures import STRUCTURES
 
     args = build_parser().parse_args(argv)
+    if args.json is not None:
+        validate_output_file(args.json, "--json")
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps must be >= 1, got {args.max_steps}")
     for flag, value in (("--eval-orders", args.eval_orders), ("--eval-tasks", args.eval_tasks),
@@ -265,17 +333,18 @@ def _run(argv: list[str] | None) -> int:
     )
     flags = argv if argv is not None else sys.argv[1:]
     summary = run_main_job(config, command=" ".join(["saicl-run", *flags]))
+    saved = summary["report_written"]
     if args.json:
-        write_json(args.json, summary)
+        saved &= save_json(args.json, summary, "--json", TOOL, beside=[config.out])
     for note in summary["notes"]:
         print(f"note: {note}")
     print(f"saicl-run: done in {summary['wall_s']:.0f} s. Report: {Path(config.out).resolve() / 'report.md'}")
-    return 0
+    return 0 if saved else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of ``saicl-run`` (exit code 0 only on success)."""
-    return run_cli(_run, argv, "saicl-run")
+    return run_cli(_run, argv, TOOL)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,16 @@ def attention_workspace_bytes(case: BenchCase) -> int:
         spans = layout.local_spans[b]
         span_len = max((n for _, n in spans), default=0)
         pairs += len(spans) * span_len * (span_len + glob_len) + glob_len * int(layout.valid[b].sum())
+    block_mask = 0
     if case.backend in ("flex", "triton"):
         pairs = 0  # block-sparse kernels: no per-pair tensors
+    if case.backend == "flex":  # its block lists are quadratic in the number of 128-token blocks
+        from saicl.attention.flex import block_mask_bytes, compile_settings
+
+        padded = compile_settings(torch.device(case.device).type).pad(length)
+        block_mask = block_mask_bytes(case.batch, padded, with_q_blocks=train)
     grids = 4 * case.batch * length * heads * case.head_dim * elem  # gathered q/k/v grids and the output
-    return pairs * per_pair + grids
+    return pairs * per_pair + grids + block_mask
 
 
 def estimate_bytes(case: BenchCase) -> int:

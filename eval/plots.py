@@ -6,6 +6,8 @@ import math
 import warnings
 from pathlib import Path
 
+from saicl.outputs import atomic_path
+
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -16,6 +18,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """Save atomically (a crash never leaves a truncated PNG under ``path``) and close the figure."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _finite(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -46,10 +58,7 @@ def line_plot(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bar_chart(values: dict[str, float], markers: dict[str, float] | None, path: str | Path, ylabel: str,
@@ -66,10 +75,7 @@ def bar_chart(values: dict[str, float], markers: dict[str, float] | None, path: 
     ax.set(ylabel=ylabel, title=title)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def loglog_panels(panels: dict[str, Series], path: str | Path, xlabel: str, title: str) -> Path:
@@ -91,10 +97,7 @@ def loglog_panels(panels: dict[str, Series], path: str | Path, xlabel: str, titl
     with warnings.catch_warnings():  # long legends can defeat tight_layout; the plot is still fine
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 __all__ = ["bar_chart", "line_plot", "loglog_panels"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from saicl.outputs import atomic_write_text
+
 from .bench import markdown_table as bench_table
 from .evaluate import markdown_tables as eval_tables
 from .plots import line_plot
@@ -86,11 +88,10 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
             lines += [f"![{plot.name}]({plot.name})", ""]
     lines += ["## Files", "", "- `results.json`: everything above, machine-readable",
               "- `runs/`: trained checkpoints (`runs/{structure}/final`, `save_pretrained` format)" if training else "",
-              "- `data/`: the held-out task collection (DESIGN §6 MetaICL folder layout)",
+              "- `data/`: the held-out task collection (docs/design.md §6 MetaICL folder layout)",
               "- `bench.csv`: benchmark rows" if bench else "", ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(line for line in lines if line is not None) + "\n")
-    return path
+    # atomic: a crash never leaves a truncated report behind (the old one or the complete new one)
+    return atomic_write_text(out_dir / "report.md", "\n".join(line for line in lines if line is not None) + "\n")
 
 
 __all__ = ["training_plots", "write_report"]

@@ -1,4 +1,5 @@
-"""Settings shared by the forward and backward kernels: interpreter detection, dtypes, block sizes.
+"""Settings shared by the forward and backward kernels: interpreter detection, dtypes, block sizes,
+input checks and the jit helpers every kernel uses.
 
 Nothing here touches CUDA at import time: only the ``TRITON_INTERPRET`` flag is read, and it has to
 be read now, because ``triton.jit`` decides between compiling and interpreting when the kernel
@@ -17,23 +18,31 @@ import triton.language as tl
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 LOG2E = 1.4426950408889634
-# Row maximum a row starts from; finite, so a block in which a row sees no key yields p = 0, not NaN.
-NEG_INIT = -1.0e30
 
-# Tile sizes. Under the interpreter large blocks are much faster (fewer numpy calls; FINDINGS.md).
+# Tile sizes. Under the interpreter large blocks are much faster (fewer numpy calls per element).
 INTERPRETER_BLOCK_M = 64
 INTERPRETER_BLOCK_N = 64
 GPU_BLOCK_M = 64
-# Bias-gradient histogram: column index ``c`` of the bias table is split as ``c = hi * LO + lo``
-# so the weighted histogram of a block is one small matmul of two one-hot matrices.
-HIST_LO = 32
+
+# How the dK/dV kernel produces the bias-table gradient (constexpr ``DBIAS``).
+DBIAS_NONE = 0  # the table does not require grad: no work at all
+DBIAS_ATOMIC = 1  # fp32 atomic scatter-add of dS into a (heads, 2M+1) buffer: fast, run-to-run order varies
+DBIAS_DETERMINISTIC = 2  # the same scatter in int64 fixed point: bitwise reproducible
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
 
 
-def default_block_m() -> int:
-    """Tile size of the plan: large under the interpreter, 64 on GPUs."""
-    return INTERPRETER_BLOCK_M if INTERPRETED else GPU_BLOCK_M
+def default_block_m(dtype: torch.dtype | None = None, head_dim: int | None = None) -> int:
+    """Tile size of the plan: large under the interpreter; on GPUs the tile the autotuner's configs were
+    verified at (64, smaller for fp32 inputs: :func:`kernels.configs.block_m_for`)."""
+    if INTERPRETED:
+        return INTERPRETER_BLOCK_M
+    if dtype is None or head_dim is None:
+        return GPU_BLOCK_M
+    from .configs import block_m_for
+
+    return block_m_for(dtype, block_d(head_dim))
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -45,29 +54,23 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def upcast_inputs(dtype: torch.dtype) -> bool:
+def upcast_inputs(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> bool:
     """Whether to cast loaded q/k/v/dO to the accumulation dtype before the dots.
 
-    Always under the interpreter (its bf16 arithmetic is wrong, FINDINGS.md); on GPUs half
-    precision inputs stay in their dtype so the dots run on tensor cores.
+    Always under the interpreter (its bf16 arithmetic is wrong); on GPUs half precision inputs stay
+    in their dtype so the dots run on tensor cores.
     """
-    return INTERPRETED or dtype in (torch.float32, torch.float64)
+    return interpreted or dtype in (torch.float32, torch.float64)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> str:
     """``input_precision`` of fp32 dots: ``tf32x3`` keeps fp32 accuracy on tensor cores."""
-    return "ieee" if INTERPRETED or dtype == torch.float64 else "tf32x3"
+    return "ieee" if interpreted or dtype == torch.float64 else "tf32x3"
 
 
 def block_d(head_dim: int) -> int:
     """Head dimension padded to a power of two >= 16 (tl.dot's minimum); extra lanes are masked."""
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def hist_shape(num_columns: int) -> tuple[int, int]:
-    """``(HIST_HI, HIST_LO)`` with ``HIST_HI * HIST_LO >= num_columns``, both >= 16 (tl.dot)."""
-    hi = max(16, triton.next_power_of_2(triton.cdiv(num_columns, HIST_LO)))
-    return hi, HIST_LO
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor) -> None:
@@ -79,9 +82,101 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch
         )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q, k, v must share one of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > 256:
-        raise ValueError(f"head_dim must be <= 256, got {q.shape[-1]}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if table.dim() != 2 or table.shape[0] != q.shape[1] or table.shape[1] % 2 != 1:
         raise ValueError(
             f"table must be (heads, 2 * max_distance + 1) with heads={q.shape[1]}; got {tuple(table.shape)}"
         )
+    if not (q.device == k.device == v.device == table.device):
+        raise ValueError(f"q, k, v and table must be on one device; got {q.device}, {k.device}, {v.device}, "
+                         f"{table.device}")
+
+
+@triton.jit
+def token_offset(token, stride_tok):
+    """Element offset of row ``token`` of a ``(tokens, heads, head_dim)`` tensor, in int64.
+
+    ``token * stride_tok`` reaches 2**31 once ``total_tokens * heads * head_dim`` does (1M tokens x
+    2048 values per token), so the product is formed in int64. Only scalar row bases go through
+    here; offsets inside a tile (``< BLOCK * stride_tok``) stay int32 and cheap.
+    """
+    return tl.cast(token, tl.int64) * stride_tok
+
+
+@triton.jit
+def walk_block(j, blocks1, lo1, hi1, lo2, hi2, BLOCK: tl.constexpr):
+    """Block ``j`` of a walk over two disjoint ranges ``[lo1, hi1)`` then ``[lo2, hi2)`` in steps of
+    ``BLOCK`` (``blocks1 = cdiv(hi1 - lo1, BLOCK)``): returns ``(start, lo, hi)`` of its range.
+
+    One loop over both ranges instead of two inlined copies of the loop body: half the code, and
+    fewer registers held across the two copies.
+    """
+    first = j < blocks1
+    start = tl.where(first, lo1 + j * BLOCK, lo2 + (j - blocks1) * BLOCK)
+    return start, tl.where(first, lo1, lo2), tl.where(first, hi1, hi2)
+
+
+@triton.jit
+def load_tile_fields(FIELDS, offs, mask, n_tokens):
+    """The two view codes of the tokens ``offs`` (see :func:`bias_index`; masked tokens read 0)."""
+    view0 = tl.load(FIELDS + offs, mask=mask, other=0)
+    view1 = tl.load(FIELDS + n_tokens + offs, mask=mask, other=0)
+    return view0, view1
+
+
+@triton.jit
+def key_ranges(RANGES, offs, mask, lo, hi):
+    """Key ranges of the tokens ``offs`` clipped to ``[lo, hi)``, as ``(start, length)`` pairs.
+
+    Masked tokens get empty ranges. Clipping the 1-D ranges once spares a 2-D comparison per block.
+    """
+    a0 = tl.maximum(tl.load(RANGES + offs * 4 + 0, mask=mask, other=0), lo)
+    a1 = tl.minimum(tl.load(RANGES + offs * 4 + 1, mask=mask, other=0), hi)
+    b0 = tl.maximum(tl.load(RANGES + offs * 4 + 2, mask=mask, other=0), lo)
+    b1 = tl.minimum(tl.load(RANGES + offs * 4 + 3, mask=mask, other=0), hi)
+    return a0, tl.maximum(a1 - a0, 0), b0, tl.maximum(b1 - b0, 0)
+
+
+@triton.jit
+def bias_index(v0_q, v1_q, v0_k, v1_k, max_distance, QUERY_ROWS: tl.constexpr):
+    """Bias-table column of every (query, key) pair of a block: ``(queries, keys)`` if ``QUERY_ROWS``
+    else ``(keys, queries)``. A valid column even for invisible pairs.
+
+    With ``V0 = position`` and ``V1 = position - shift``, for query x and key y::
+
+        rel(x, y) = pos[y] - pos[x] + shift[x] * is_query[y] - shift[y] * is_query[x]
+                  = V[is_query[x]](y) - V[is_query[y]](x)
+        column    = clamp(rel, -M, M) + M
+
+    so each token needs only its two *view codes* ``v0 = 2 * V0 + is_query`` and
+    ``v1 = 2 * V1 + is_query`` (:func:`kernels.varlen.view_codes`): two vectors per side instead of
+    three, which matters because the vectors of one side are the costly ones in the 2-D register
+    layouts the compiler picks (several rows per thread, one column).
+    """
+    if QUERY_ROWS:
+        v0x, v1x, v0y, v1y = v0_q[:, None], v1_q[:, None], v0_k[None, :], v1_k[None, :]
+    else:
+        v0x, v1x, v0y, v1y = v0_q[None, :], v1_q[None, :], v0_k[:, None], v1_k[:, None]
+    x_view = tl.where((v0y & 1) != 0, v1x, v0x)  # x seen from y; low bit is_query[x]
+    y_view = tl.where((x_view & 1) != 0, v1y, v0y)  # y seen from x; low bit is_query[y]
+    rel = (y_view >> 1) - (x_view >> 1)
+    return tl.minimum(tl.maximum(rel + max_distance, 0), 2 * max_distance)
+
+
+@triton.jit
+def in_ranges(points, a0, len_a, b0, len_b, POINT_ROWS: tl.constexpr):
+    """2-D mask ``point in [a0, a0 + len_a) or point in [b0, b0 + len_b)``: points along rows and ranges
+    along columns if ``POINT_ROWS``, else the transpose.
+
+    Visibility is symmetric, so either side's ranges can be tested against the other side's index (an
+    ``arange``, cheap in any layout). ``lo <= p < lo + len`` is one unsigned comparison of ``p - lo``
+    (a negative difference wraps to a huge unsigned value).
+    """
+    if POINT_ROWS:
+        p, a0, len_a, b0, len_b = points[:, None], a0[None, :], len_a[None, :], b0[None, :], len_b[None, :]
+    else:
+        p, a0, len_a, b0, len_b = points[None, :], a0[:, None], len_a[:, None], b0[:, None], len_b[:, None]
+    in_a = (p - a0).to(tl.uint32, bitcast=True) < len_a.to(tl.uint32, bitcast=True)
+    in_b = (p - b0).to(tl.uint32, bitcast=True) < len_b.to(tl.uint32, bitcast=True)
+    return in_a | in_b

@@ -6,16 +6,27 @@ With ``p = exp(s - lse)`` recomputed from the saved base-2 log-sum-exp, ``dp = d
     ds = p * (dp - delta)        dq = ds k        dk = ds^T q        dv = p^T dO
     dtable[h, c] = sum over visible pairs (x, y) with clamp(rel(x, y), -M, M) + M == c of ds[x, y]
 
-Two kernels, both one program per (tile, head), no atomics:
+Two kernels, both one program per (tile, head):
 
-* ``_bwd_dq_kernel``: a query tile walks its key ranges exactly as the forward does.
+* ``_bwd_dq_kernel``: a query tile walks its key ranges exactly as the forward does (one loop over
+  both ranges).
 * ``_bwd_dkdv_kernel``: a *key* tile walks the query rows that can see it. Visibility is symmetric
-  (see :mod:`kernels.varlen`), so those rows are the tile's own plan ranges; elements are masked
-  with the query rows' ranges, i.e. the forward's definition. It also accumulates the bias-table
-  gradient of its pairs in registers: the column ``c = hi * LO + lo`` of every pair is one-hot
-  encoded twice and ``hist[hi, lo] += onehot_hi^T (ds * onehot_lo)`` is one small matmul per block
-  (exact: one-hots are 0/1). Each program writes its own row of a ``(tiles, heads, HI * LO)``
-  partial buffer, summed afterwards in a fixed order by torch: deterministic.
+  (see :mod:`kernels.varlen`), so those rows are the tile's own plan ranges, and a query sees a key
+  of the tile iff it lies in that key's ranges. It also produces the bias-table gradient, in one of
+  two ways (constexpr ``DBIAS``):
+
+  - ``DBIAS_ATOMIC`` (default): every visible pair adds its ``ds`` to ``dtable[h, c]`` with a fp32
+    atomic (``red.global.add``, no return value). Nothing extra lives in registers; the summation
+    order, hence the last bits, vary from run to run.
+  - ``DBIAS_DETERMINISTIC``: the same scatter, but of ``ds`` in 64-bit fixed point (``ds * scale``
+    rounded toward zero, ``int64`` atomics). Integer addition is associative, so the result is bitwise
+    reproducible whatever the order. ``scale = 2**61 / B`` with ``B = 2 * sum_i |dO_i| * max_j |v_j|``
+    (all heads), a bound on ``sum |ds|`` since ``|dp_ij| <= |dO_i| |v_j|``, ``|delta_i| <= max_j |dp_ij|``
+    and ``sum_j p_ij = 1``: the sum cannot overflow, and its quantum ``B / 2**61`` is far below fp32
+    rounding. Costs the same as the atomic path (64-bit atomics, one conversion).
+
+  Neither holds a one-hot ``(pairs x columns)`` matrix, which is what made the earlier formulation
+  spill tens of KB per thread and exceed the shared memory of an A100.
 """
 
 from __future__ import annotations
@@ -25,45 +36,18 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .attention_fwd import _gpu_kernel, load_fields, pair_index_and_mask
+from .attention_fwd import check_plan
+from .configs import DKDV_VARIANTS, autotuned, device_capability, dkdv_launches
 from .varlen import VarlenPlan
 
-
-@triton.jit
-def _bwd_dq_range(
-    dq, q, do, lse, delta, pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m,
-    K, V, TABLE, FIELDS, k_lo, k_hi, h, stride_tok, stride_head, n_tokens, max_distance,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    for start in range(k_lo, k_hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < k_hi
-        kv_off = offs_n[:, None] * stride_tok + h * stride_head + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(ACC)
-            v = v.to(ACC)
-        pos_n, shift_n, isq_n, _a0, _a1, _b0, _b1 = load_fields(FIELDS, offs_n, mask_n, n_tokens)
-        idx, allowed = pair_index_and_mask(
-            pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m, offs_n, pos_n, shift_n, isq_n, k_hi, max_distance
-        )
-        bias = tl.load(TABLE + h * (2 * max_distance + 1) + idx, mask=allowed, other=0.0).to(ACC)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
-        p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    return dq
+# Fixed-point scale of the deterministic table gradient: 2**61 / (bound on the sum of |ds|), leaving a
+# factor 4 of headroom below int64's 2**63 for fp32 rounding of p and of the bound.
+FIXED_POINT_RANGE = 2.0**61
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, TABLE, DO, LSE, DELTA, DQ, FIELDS, TILES,
+    Q, K, V, TABLE, DO, LSE, DELTA, DQ, FIELDS, RANGES, TILES,
     stride_tok, stride_head, n_tokens, n_heads, max_distance,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -77,94 +61,69 @@ def _bwd_dq_kernel(
     k2_lo = tl.load(TILES + tile * 6 + 4)
     k2_hi = tl.load(TILES + tile * 6 + 5)
 
-    offs_m = row0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = row0 + rows
     mask_m = offs_m < row1
+    cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q_off = offs_m[:, None] * stride_tok + h * stride_head + offs_d[None, :]
+    q_base = C.token_offset(row0, stride_tok) + h * stride_head
+    q_tile = rows[:, None] * stride_tok + offs_d[None, :]
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    q = tl.load(Q + q_base + q_tile, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_base + q_tile, mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(ACC)
         do = do.to(ACC)
     lse = tl.load(LSE + offs_m * n_heads + h, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + offs_m * n_heads + h, mask=mask_m, other=0.0)
-    pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m = load_fields(FIELDS, offs_m, mask_m, n_tokens)
+    v0_m, v1_m = C.load_tile_fields(FIELDS, offs_m, mask_m, n_tokens)
+    kv_tile = cols[:, None] * stride_tok + offs_d[None, :]
+    table_row = TABLE + h * (2 * max_distance + 1)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    dq = _bwd_dq_range(
-        dq, q, do, lse, delta, pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m,
-        K, V, TABLE, FIELDS, k1_lo, k1_hi, h, stride_tok, stride_head, n_tokens, max_distance,
-        HEAD_DIM, BLOCK_D, BLOCK_N, ACC, UPCAST, PRECISION,
-    )
-    dq = _bwd_dq_range(
-        dq, q, do, lse, delta, pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m,
-        K, V, TABLE, FIELDS, k2_lo, k2_hi, h, stride_tok, stride_head, n_tokens, max_distance,
-        HEAD_DIM, BLOCK_D, BLOCK_N, ACC, UPCAST, PRECISION,
-    )
-    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit
-def _bwd_dkdv_range(
-    dk, dv, hist, k, v, offs_m, mask_m, pos_m, shift_m, isq_m,
-    Q, DO, LSE, DELTA, TABLE, FIELDS, q_lo, q_hi, h, stride_tok, stride_head, n_tokens, n_heads, max_distance,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    DBIAS: tl.constexpr, HIST_HI: tl.constexpr, HIST_LO: tl.constexpr,
-):
-    """Accumulate dK, dV (and the bias histogram) of key tile rows ``offs_m`` over queries ``[q_lo, q_hi)``.
-
-    Blocks are laid out (query, key): rows are the ``BLOCK_N`` queries, columns the tile's keys.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    for start in range(q_lo, q_hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < q_hi
-        q_off = offs_n[:, None] * stride_tok + h * stride_head + offs_d[None, :]
-        q_mask = mask_n[:, None] & mask_d[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-        do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    blocks1 = tl.cdiv(k1_hi - k1_lo, BLOCK_N)
+    for j in range(0, blocks1 + tl.cdiv(k2_hi - k2_lo, BLOCK_N)):
+        start, _k_lo, k_hi = C.walk_block(j, blocks1, k1_lo, k1_hi, k2_lo, k2_hi, BLOCK_N)
+        offs_n = start + cols
+        mask_n = offs_n < k_hi
+        kv_base = C.token_offset(start, stride_tok) + h * stride_head
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + kv_base + kv_tile, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_base + kv_tile, mask=kv_mask, other=0.0)
         if UPCAST:
-            q = q.to(ACC)
-            do = do.to(ACC)
-        lse = tl.load(LSE + offs_n * n_heads + h, mask=mask_n, other=0.0)
-        delta = tl.load(DELTA + offs_n * n_heads + h, mask=mask_n, other=0.0)
-        pos_n, shift_n, isq_n, a0_n, a1_n, b0_n, b1_n = load_fields(FIELDS, offs_n, mask_n, n_tokens)
-        # Queries are rows here: the mask is "key column in the query row's ranges", the forward's rule.
-        idx, allowed = pair_index_and_mask(
-            pos_n, shift_n, isq_n, a0_n, a1_n, b0_n, b1_n,
-            offs_m, pos_m, shift_m, isq_m, n_tokens, max_distance,
-        )
-        allowed = allowed & mask_m[None, :]
-        bias = tl.load(TABLE + h * (2 * max_distance + 1) + idx, mask=allowed, other=0.0).to(ACC)
+            k = k.to(ACC)
+            v = v.to(ACC)
+        v0_n, v1_n = C.load_tile_fields(FIELDS, offs_n, mask_n, n_tokens)
+        # Keys past k_hi (the tile's other range, or nothing) get empty ranges: never visible here.
+        a0_n, len_a, b0_n, len_b = C.key_ranges(RANGES, offs_n, mask_n, 0, n_tokens)
+        idx = C.bias_index(v0_m, v1_m, v0_n, v1_n, max_distance, True)
+        allowed = C.in_ranges(offs_m, a0_n, len_a, b0_n, len_b, True)
+        # Unmasked gather, mask folded into the bias as -inf (see the forward kernel).
+        bias = tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf"))
+        # dp before s: p is consumed at once, one fewer (rows x keys) tensor alive (no spill on sm_80).
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC) - delta[:, None]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
-        p = tl.where(allowed, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
-        if DBIAS:
-            flat_idx = tl.reshape(idx, (BLOCK_N * BLOCK_M,))
-            flat_ds = tl.reshape(ds, (BLOCK_N * BLOCK_M,))
-            # Built directly as (HIST_HI, pairs): no transpose before the dot.
-            hot_hi = (tl.arange(0, HIST_HI)[:, None] == (flat_idx // HIST_LO)[None, :]).to(ACC)
-            hot_lo = (flat_idx % HIST_LO)[:, None] == tl.arange(0, HIST_LO)[None, :]
-            weighted_lo = tl.where(hot_lo, flat_ds[:, None], 0.0).to(ACC)
-            hist += tl.dot(hot_hi, weighted_lo, input_precision=PRECISION, out_dtype=ACC)
-    return dk, dv, hist
+        ds = tl.exp2(s * 1.4426950408889634 - lse[:, None]) * dp  # 0 for invisible pairs (s = -inf)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(DQ + q_base + q_tile, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, TABLE, DO, LSE, DELTA, DK, DV, DTABLE_PARTIAL, FIELDS, TILES,
-    stride_tok, stride_head, n_tokens, n_heads, max_distance,
+    Q, K, V, TABLE, DO, LSE, DELTA, DK, DV, DTABLE, FIELDS, RANGES, TILES,
+    SCALE, stride_tok, stride_head, n_tokens, n_heads, max_distance,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    DBIAS: tl.constexpr, HIST_HI: tl.constexpr, HIST_LO: tl.constexpr,
+    DBIAS: tl.constexpr, PARTS: tl.constexpr,
 ):
+    """dK, dV (and the bias gradient) of one key tile: walks the queries that see it.
+
+    ``PARTS``: 3 computes both; 1 only dV (no bias gradient); 2 only dK and the bias gradient.
+    ``DTABLE``: ``(heads, 2M+1)`` fp32 (atomic) or int64 (deterministic, fixed point) accumulator;
+    ``SCALE``: one fp32, the fixed-point scale (read only in deterministic mode).
+    Blocks are laid out (query, key): rows are the ``BLOCK_N`` queries, columns the tile's keys.
+    """
     tile = tl.program_id(0)
     h = tl.program_id(1)
     row0 = tl.load(TILES + tile * 6 + 0)
@@ -174,45 +133,92 @@ def _bwd_dkdv_kernel(
     q2_lo = tl.load(TILES + tile * 6 + 4)
     q2_hi = tl.load(TILES + tile * 6 + 5)
 
-    offs_m = row0 + tl.arange(0, BLOCK_M)
+    keys = tl.arange(0, BLOCK_M)
+    offs_m = row0 + keys
     mask_m = offs_m < row1
+    rows = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    kv_off = offs_m[:, None] * stride_tok + h * stride_head + offs_d[None, :]
+    kv_base = C.token_offset(row0, stride_tok) + h * stride_head
+    kv_tile = keys[:, None] * stride_tok + offs_d[None, :]
     kv_mask = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    k = tl.load(K + kv_base + kv_tile, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_base + kv_tile, mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(ACC)
         v = v.to(ACC)
-    pos_m, shift_m, isq_m, _a0, _a1, _b0, _b1 = load_fields(FIELDS, offs_m, mask_m, n_tokens)
+    v0_m, v1_m = C.load_tile_fields(FIELDS, offs_m, mask_m, n_tokens)
+    q_tile = rows[:, None] * stride_tok + offs_d[None, :]
+    n_columns = 2 * max_distance + 1
+    table_row = TABLE + h * n_columns
+    if DBIAS == 2:
+        fixed_point_scale = tl.load(SCALE)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    hist = tl.zeros([HIST_HI, HIST_LO], dtype=ACC)
-    dk, dv, hist = _bwd_dkdv_range(
-        dk, dv, hist, k, v, offs_m, mask_m, pos_m, shift_m, isq_m,
-        Q, DO, LSE, DELTA, TABLE, FIELDS, q1_lo, q1_hi, h, stride_tok, stride_head, n_tokens, n_heads,
-        max_distance, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, UPCAST, PRECISION, DBIAS, HIST_HI, HIST_LO,
-    )
-    dk, dv, hist = _bwd_dkdv_range(
-        dk, dv, hist, k, v, offs_m, mask_m, pos_m, shift_m, isq_m,
-        Q, DO, LSE, DELTA, TABLE, FIELDS, q2_lo, q2_hi, h, stride_tok, stride_head, n_tokens, n_heads,
-        max_distance, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC, UPCAST, PRECISION, DBIAS, HIST_HI, HIST_LO,
-    )
-    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
-    if DBIAS:
-        cols = tl.arange(0, HIST_HI)[:, None] * HIST_LO + tl.arange(0, HIST_LO)[None, :]
-        tl.store(DTABLE_PARTIAL + (tile * n_heads + h) * (HIST_HI * HIST_LO) + cols, hist)
+    blocks1 = tl.cdiv(q1_hi - q1_lo, BLOCK_N)
+    for j in range(0, blocks1 + tl.cdiv(q2_hi - q2_lo, BLOCK_N)):
+        start, q_lo, q_hi = C.walk_block(j, blocks1, q1_lo, q1_hi, q2_lo, q2_hi, BLOCK_N)
+        offs_n = start + rows
+        mask_n = offs_n < q_hi
+        q_base = C.token_offset(start, stride_tok) + h * stride_head
+        q_mask = mask_n[:, None] & mask_d[None, :]
+        q = tl.load(Q + q_base + q_tile, mask=q_mask, other=0.0)
+        do = tl.load(DO + q_base + q_tile, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(ACC)
+            do = do.to(ACC)
+        lse = tl.load(LSE + offs_n * n_heads + h, mask=mask_n, other=0.0)
+        delta = tl.load(DELTA + offs_n * n_heads + h, mask=mask_n, other=0.0)
+        v0_n, v1_n = C.load_tile_fields(FIELDS, offs_n, mask_n, n_tokens)
+        # The key tile's own ranges, clipped to this walk's queries: visibility is symmetric, so query x
+        # sees key y iff x lies in y's ranges. Keys past the tile's end get empty ranges.
+        a0_m, len_a, b0_m, len_b = C.key_ranges(RANGES, offs_m, mask_m, q_lo, q_hi)
+        idx = C.bias_index(v0_n, v1_n, v0_m, v1_m, max_distance, True)
+        allowed = C.in_ranges(offs_n, a0_m, len_a, b0_m, len_b, True)
+        # Unmasked gather, mask folded into the bias as -inf (see the forward kernel).
+        bias = tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
+        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])  # 0 for invisible pairs (s = -inf)
+        if PARTS & 1:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
+        if PARTS & 2:
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+            ds = p * (dp - delta[:, None])  # exactly 0 for invisible pairs (p == 0)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
+            # Invisible pairs have ds == 0 exactly and idx a valid column: adding their zeros is harmless,
+            # and cheaper in registers than carrying a mask to the atomics.
+            if DBIAS == 1:  # C.DBIAS_ATOMIC
+                tl.atomic_add(DTABLE + h * n_columns + idx, ds, sem="relaxed")
+            elif DBIAS == 2:  # C.DBIAS_DETERMINISTIC: int64 fixed point, order-independent sums
+                fixed = (ds * fixed_point_scale).to(tl.int64)
+                tl.atomic_add(DTABLE + h * n_columns + idx, fixed, sem="relaxed")
+    if PARTS & 2:
+        tl.store(DK + kv_base + kv_tile, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    if PARTS & 1:
+        tl.store(DV + kv_base + kv_tile, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn in (16, 32, 64)
-    for w in (4, 8)
-    for s in (1, 2)
-]
+def backward_meta(
+    dtype: torch.dtype, head_dim: int, block_m: int, dbias: int = C.DBIAS_NONE, interpreted: bool = C.INTERPRETED,
+) -> tuple[dict, dict]:
+    """Constexpr arguments of the dQ and the dK/dV kernels (shared with the AOT report)."""
+    meta = dict(
+        HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=block_m, ACC=C.acc_dtype(dtype),
+        UPCAST=C.upcast_inputs(dtype, interpreted), PRECISION=C.dot_precision(dtype, interpreted),
+    )
+    return meta, dict(meta, DBIAS=dbias)
+
+
+def fixed_point_scale(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scale of the deterministic table gradient: ``2**61 / B``, ``B = 2 sum_i |dO_i| max_j |v_j|``.
+
+    ``B`` bounds ``sum |ds|`` over every pair and head (see the module docstring), so the int64 sums
+    cannot overflow. ``do``, ``v``: ``(total_tokens, heads, head_dim)``. Returns a one-element fp32
+    tensor on their device (no host sync).
+    """
+    bound = 2.0 * do.float().norm(dim=-1).sum() * v.float().norm(dim=-1).max()
+    return torch.where(bound > 0, FIXED_POINT_RANGE / bound, 1.0).reshape(1).float()
 
 
 def attention_backward(
@@ -226,6 +232,7 @@ def attention_backward(
     plan: VarlenPlan,
     *,
     table_grad: bool = True,
+    deterministic: bool = False,
     block_n: int | None = None,
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
@@ -237,14 +244,17 @@ def attention_backward(
         do: ``(total_tokens, heads, head_dim)`` gradient of the output.
         q, k, v, table, plan: as given to :func:`kernels.attention_fwd.attention_forward`.
         out, lse: its outputs.
-        table_grad: compute the bias-table gradient (skipped work otherwise).
-        block_n: inner block size; ``None`` autotunes on GPUs and uses 32 under the interpreter.
+        table_grad: compute the bias-table gradient (no work and ``None`` returned otherwise).
+        deterministic: bitwise reproducible table gradient (int64 fixed-point atomics); default fp32
+            atomics, whose summation order varies from run to run.
+        block_n: inner block size; ``None`` autotunes on GPUs and uses 64 under the interpreter.
         dq, dk, dv: optional preallocated outputs (tests pass NaN-filled buffers).
     Returns:
         ``dq, dk, dv`` in q's dtype and the table gradient ``(heads, 2M+1)`` in the table's dtype
         (``None`` when ``table_grad`` is False).
     """
     C.check_inputs(q, k, v, table)
+    check_plan(plan, q)
     do, q, k, v, out = (t.contiguous() for t in (do, q, k, v, out))
     table = table.contiguous()
     n_tokens, n_heads, head_dim = q.shape
@@ -254,35 +264,43 @@ def attention_backward(
     dv = torch.empty_like(v) if dv is None else dv
     n_columns = table.shape[1]
     max_distance = (n_columns - 1) // 2
-    hist_hi, hist_lo = C.hist_shape(n_columns)
-    partial = torch.empty(
-        (max(plan.num_tiles, 1) if table_grad else 1, n_heads, hist_hi * hist_lo), dtype=acc, device=q.device
-    )
     if plan.num_tiles == 0:
-        dtable = torch.zeros_like(table) if table_grad else None
-        return dq, dk, dv, dtable
+        return dq, dk, dv, (torch.zeros_like(table) if table_grad else None)
+    dbias = C.DBIAS_NONE
+    if table_grad:
+        dbias = C.DBIAS_DETERMINISTIC if deterministic else C.DBIAS_ATOMIC
+    meta, dkdv_meta = backward_meta(q.dtype, head_dim, plan.block_m, dbias)
+    scale = torch.ones(1, dtype=torch.float32, device=q.device)
+    if dbias == C.DBIAS_ATOMIC:
+        dtable_buffer = torch.zeros(n_heads, n_columns, dtype=acc, device=q.device)
+    elif dbias == C.DBIAS_DETERMINISTIC:
+        dtable_buffer = torch.zeros(n_heads, n_columns, dtype=torch.int64, device=q.device)
+        scale = fixed_point_scale(do, v)
+    else:  # never written: a one-element placeholder keeps the signature
+        dtable_buffer = torch.empty(1, dtype=acc, device=q.device)
     # delta = rowsum(dO * O): O(tokens * dim), cheaper in torch than as a third kernel.
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
-    grid = (plan.num_tiles, n_heads)
-    meta = dict(
-        HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=plan.block_m,
-        ACC=C.acc_dtype(q.dtype), UPCAST=C.upcast_inputs(q.dtype), PRECISION=C.dot_precision(q.dtype),
-    )
-    common = (plan.fields, plan.tiles, q.stride(0), q.stride(1), n_tokens, n_heads, max_distance)
+    common = (plan.fields, plan.ranges, plan.tiles, q.stride(0), q.stride(1), n_tokens, n_heads, max_distance)
     dq_args = (q, k, v, table, do, lse, delta, dq, *common)
-    dkdv_args = (q, k, v, table, do, lse, delta, dk, dv, partial, *common)
-    dkdv_meta = dict(meta, DBIAS=table_grad, HIST_HI=hist_hi, HIST_LO=hist_lo)
-    if block_n is None and not C.INTERPRETED:
-        _gpu_kernel("bwd_dq", _bwd_dq_kernel, _BWD_CONFIGS, ["HEAD_DIM", "BLOCK_M"])[grid](*dq_args, **meta)
-        _gpu_kernel("bwd_dkdv", _bwd_dkdv_kernel, _BWD_CONFIGS, ["HEAD_DIM", "BLOCK_M", "DBIAS"])[grid](
-            *dkdv_args, **dkdv_meta
-        )
+    dkdv_args = (q, k, v, table, do, lse, delta, dk, dv, dtable_buffer, plan.fields, plan.ranges, plan.tiles,
+                 scale, *common[3:])
+    grid = (plan.num_tiles, n_heads)
+    tuned = block_n is None and not C.INTERPRETED
+    if tuned:
+        autotuned("dq", _bwd_dq_kernel)[grid](*dq_args, **meta)
     else:
-        bn = block_n or C.INTERPRETER_BLOCK_N
-        _bwd_dq_kernel[grid](*dq_args, **meta, BLOCK_N=bn)
-        _bwd_dkdv_kernel[grid](*dkdv_args, **dkdv_meta, BLOCK_N=bn)
+        _bwd_dq_kernel[grid](*dq_args, **meta, BLOCK_N=block_n or C.INTERPRETER_BLOCK_N)
+    # Large head dims: a dV launch (no bias gradient) and a dK launch (with it); fused otherwise.
+    for launch in dkdv_launches(dkdv_meta["BLOCK_D"], dbias, device_capability(q.device), q.dtype):
+        launch_dbias, parts = DKDV_VARIANTS[launch]
+        part_meta = dict(dkdv_meta, PARTS=parts, DBIAS=launch_dbias)
+        if tuned:
+            autotuned("dkdv", _bwd_dkdv_kernel)[grid](*dkdv_args, **part_meta)
+        else:
+            _bwd_dkdv_kernel[grid](*dkdv_args, **part_meta, BLOCK_N=block_n or C.INTERPRETER_BLOCK_N)
     dtable = None
-    if table_grad:
-        # Fixed-order reduction over programs: deterministic, unlike float atomics.
-        dtable = partial.sum(0)[:, :n_columns].to(table.dtype)
+    if dbias == C.DBIAS_ATOMIC:
+        dtable = dtable_buffer.to(table.dtype)
+    elif dbias == C.DBIAS_DETERMINISTIC:
+        dtable = (dtable_buffer.to(torch.float64) / scale.double()).to(table.dtype)
     return dq, dk, dv, dtable

@@ -7,10 +7,11 @@ Math (T5 semantics: no ``1/sqrt(d)`` scaling), for a query token ``x`` and the k
     o[x]     = sum_y softmax_y(s[x, :]) v[y]          lse[x] = log2 sum_y exp(s[x, y])   (base 2)
 
 One program per (tile, head). A tile is ``BLOCK_M`` consecutive packed rows of one episode; it walks
-only the (at most two) key ranges of its plan row in ``BLOCK_N`` steps with an online exp2 softmax,
+only the (at most two) key ranges of its plan row in ``BLOCK_N`` steps (one loop over both) with an
+online exp2 softmax,
 and masks every element with the row's own key ranges, so tiles whose rows straddle several
-demonstrations are exact. No ``L x L`` tensor exists anywhere. The reference is the eager oracle,
-:mod:`saicl.attention.eager`.
+demonstrations are exact. No ``L x L`` tensor exists anywhere. Row fields and ranges are loaded once
+per tile; a key block loads only its keys' three fields.
 """
 
 from __future__ import annotations
@@ -20,82 +21,13 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from .configs import autotuned
 from .varlen import VarlenPlan
 
 
 @triton.jit
-def load_fields(FIELDS, offs, mask, n_tokens):
-    """Per-token fields of ``offs`` (masked tokens see no key: empty ranges)."""
-    pos = tl.load(FIELDS + 0 * n_tokens + offs, mask=mask, other=0)
-    shift = tl.load(FIELDS + 1 * n_tokens + offs, mask=mask, other=0)
-    isq = tl.load(FIELDS + 2 * n_tokens + offs, mask=mask, other=0)
-    a0 = tl.load(FIELDS + 3 * n_tokens + offs, mask=mask, other=0)
-    a1 = tl.load(FIELDS + 4 * n_tokens + offs, mask=mask, other=0)
-    b0 = tl.load(FIELDS + 5 * n_tokens + offs, mask=mask, other=0)
-    b1 = tl.load(FIELDS + 6 * n_tokens + offs, mask=mask, other=0)
-    return pos, shift, isq, a0, a1, b0, b1
-
-
-@triton.jit
-def pair_index_and_mask(
-    pos_x, shift_x, isq_x, a0_x, a1_x, b0_x, b1_x, offs_y, pos_y, shift_y, isq_y, y_hi, max_distance
-):
-    """Bias-table column and visibility of every (row x, column y) pair of a block.
-
-    Rows are queries, columns keys. ``y_hi`` bounds the key range being walked, so a key that the row
-    may see but that belongs to the tile's other range is not counted twice.
-    """
-    rel = (
-        pos_y[None, :] - pos_x[:, None]
-        + shift_x[:, None] * isq_y[None, :]
-        - shift_y[None, :] * isq_x[:, None]
-    )
-    idx = tl.minimum(tl.maximum(rel, -max_distance), max_distance) + max_distance
-    y = offs_y[None, :]
-    allowed = ((y >= a0_x[:, None]) & (y < a1_x[:, None])) | ((y >= b0_x[:, None]) & (y < b1_x[:, None]))
-    allowed = allowed & (y < y_hi)
-    return idx, allowed
-
-
-@triton.jit
-def _fwd_range(
-    acc, l_i, m_i, q, pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m,
-    K, V, TABLE, FIELDS, k_lo, k_hi, h, stride_tok, stride_head, n_tokens, max_distance,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Online-softmax update of one tile over keys ``[k_lo, k_hi)``."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    for start in range(k_lo, k_hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < k_hi
-        kv_off = offs_n[:, None] * stride_tok + h * stride_head + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(ACC)
-            v = v.to(ACC)
-        pos_n, shift_n, isq_n, _a0, _a1, _b0, _b1 = load_fields(FIELDS, offs_n, mask_n, n_tokens)
-        idx, allowed = pair_index_and_mask(
-            pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m, offs_n, pos_n, shift_n, isq_n, k_hi, max_distance
-        )
-        bias = tl.load(TABLE + h * (2 * max_distance + 1) + idx, mask=allowed, other=0.0).to(ACC)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
-        s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _fwd_kernel(
-    Q, K, V, TABLE, OUT, LSE, FIELDS, TILES,
+    Q, K, V, TABLE, OUT, LSE, FIELDS, RANGES, TILES,
     stride_tok, stride_head, n_tokens, n_heads, max_distance,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -109,52 +41,69 @@ def _fwd_kernel(
     k2_lo = tl.load(TILES + tile * 6 + 4)
     k2_hi = tl.load(TILES + tile * 6 + 5)
 
-    offs_m = row0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = row0 + rows
     mask_m = offs_m < row1
+    cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q_off = offs_m[:, None] * stride_tok + h * stride_head + offs_d[None, :]
+    # Offsets inside a tile stay int32 (< BLOCK * stride_tok); the tile's base is int64.
+    q_base = C.token_offset(row0, stride_tok) + h * stride_head
+    q_tile = rows[:, None] * stride_tok + offs_d[None, :]
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    q = tl.load(Q + q_base + q_tile, mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(ACC)
-    pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m = load_fields(FIELDS, offs_m, mask_m, n_tokens)
+    v0_m, v1_m = C.load_tile_fields(FIELDS, offs_m, mask_m, n_tokens)
+    kv_tile = cols[:, None] * stride_tok + offs_d[None, :]
+    table_row = TABLE + h * (2 * max_distance + 1)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    # Finite start: a block in which a row sees no key yields p = 0, not NaN.
     m_i = tl.zeros([BLOCK_M], dtype=ACC) - 1.0e30
-    acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, q, pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m,
-        K, V, TABLE, FIELDS, k1_lo, k1_hi, h, stride_tok, stride_head, n_tokens, max_distance,
-        HEAD_DIM, BLOCK_D, BLOCK_N, ACC, UPCAST, PRECISION,
-    )
-    acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, q, pos_m, shift_m, isq_m, a0_m, a1_m, b0_m, b1_m,
-        K, V, TABLE, FIELDS, k2_lo, k2_hi, h, stride_tok, stride_head, n_tokens, max_distance,
-        HEAD_DIM, BLOCK_D, BLOCK_N, ACC, UPCAST, PRECISION,
-    )
+    blocks1 = tl.cdiv(k1_hi - k1_lo, BLOCK_N)
+    for j in range(0, blocks1 + tl.cdiv(k2_hi - k2_lo, BLOCK_N)):
+        start, _k_lo, k_hi = C.walk_block(j, blocks1, k1_lo, k1_hi, k2_lo, k2_hi, BLOCK_N)
+        offs_n = start + cols
+        mask_n = offs_n < k_hi
+        kv_base = C.token_offset(start, stride_tok) + h * stride_head
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + kv_base + kv_tile, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_base + kv_tile, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(ACC)
+            v = v.to(ACC)
+        v0_n, v1_n = C.load_tile_fields(FIELDS, offs_n, mask_n, n_tokens)
+        # Keys past k_hi (the tile's other range, or nothing) get empty ranges: never visible here.
+        a0_n, len_a, b0_n, len_b = C.key_ranges(RANGES, offs_n, mask_n, 0, n_tokens)
+        idx = C.bias_index(v0_m, v1_m, v0_n, v1_n, max_distance, True)
+        allowed = C.in_ranges(offs_m, a0_n, len_a, b0_n, len_b, True)
+        # idx is a valid column even for invisible pairs: an unmasked gather (a masked one costs registers).
+        # The mask is folded into the bias (-inf), so that it never exists in the dot's register layout.
+        bias = tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
+        s = s * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
     # Every valid row sees at least itself, so l_i > 0 there; the guard only keeps the rows past the
     # tile's end (never stored) free of 0/0.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(OUT + q_off, out.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(OUT + q_base + q_tile, out.to(OUT.dtype.element_ty), mask=q_mask)
     tl.store(LSE + offs_m * n_heads + h, m_i + tl.log2(l_safe), mask=mask_m)
 
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn in (32, 64, 128)
-    for w in (4, 8)
-    for s in (2, 3)
-]
-_tuned: dict[str, object] = {}
-
-
-def _gpu_kernel(name: str, kernel, configs, key):
-    """The autotuned variant of ``kernel`` (built lazily: autotuning needs a GPU)."""
-    if name not in _tuned:
-        _tuned[name] = triton.autotune(configs=configs, key=key)(kernel)
-    return _tuned[name]
+def forward_meta(dtype: torch.dtype, head_dim: int, block_m: int, interpreted: bool = C.INTERPRETED) -> dict:
+    """Constexpr arguments of :func:`_fwd_kernel` for inputs of ``dtype`` (shared with the AOT report)."""
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=block_m, ACC=C.acc_dtype(dtype),
+        UPCAST=C.upcast_inputs(dtype, interpreted), PRECISION=C.dot_precision(dtype, interpreted),
+    )
 
 
 def attention_forward(
@@ -171,16 +120,17 @@ def attention_forward(
     """Launch the forward kernel on packed inputs.
 
     Args:
-        q, k, v: ``(total_tokens, heads, head_dim)``, same dtype, contiguous.
+        q, k, v: ``(total_tokens, heads, head_dim)``, same dtype.
         table: ``(heads, 2M+1)`` per-distance bias table (any float dtype; read as the accumulator dtype).
-        plan: :func:`kernels.varlen.build_plan` of the layout.
-        block_n: key block size; ``None`` autotunes on GPUs and uses 32 under the interpreter.
+        plan: :func:`kernels.varlen.build_plan` of the batch.
+        block_n: key block size; ``None`` autotunes on GPUs and uses 64 under the interpreter.
         out, lse: optional preallocated outputs (tests pass NaN-filled buffers).
     Returns:
         ``out`` ``(total_tokens, heads, head_dim)`` in q's dtype and ``lse`` ``(total_tokens, heads)``
         in the accumulator dtype, base-2 log-sum-exp of every row's scores (for the backward pass).
     """
     C.check_inputs(q, k, v, table)
+    check_plan(plan, q)
     q, k, v = (t.contiguous() for t in (q, k, v))
     table = table.contiguous()
     n_tokens, n_heads, head_dim = q.shape
@@ -192,16 +142,19 @@ def attention_forward(
         return out, lse
     max_distance = (table.shape[1] - 1) // 2
     grid = (plan.num_tiles, n_heads)
-    args = (q, k, v, table, out, lse, plan.fields, plan.tiles, q.stride(0), q.stride(1), n_tokens, n_heads,
-            max_distance)
-    meta = dict(
-        HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=plan.block_m,
-        ACC=C.acc_dtype(q.dtype), UPCAST=C.upcast_inputs(q.dtype), PRECISION=C.dot_precision(q.dtype),
-    )
+    args = (q, k, v, table, out, lse, plan.fields, plan.ranges, plan.tiles, q.stride(0), q.stride(1), n_tokens,
+            n_heads, max_distance)
+    meta = forward_meta(q.dtype, head_dim, plan.block_m)
     if block_n is None and not C.INTERPRETED:
-        _gpu_kernel("fwd", _fwd_kernel, _FWD_CONFIGS, ["HEAD_DIM", "BLOCK_M"])[grid](*args, **meta)
+        autotuned("forward", _fwd_kernel)[grid](*args, **meta)
     else:
         _fwd_kernel[grid](*args, **meta, BLOCK_N=block_n or C.INTERPRETER_BLOCK_N)
     return out, lse
 
 
+def check_plan(plan: VarlenPlan, q: torch.Tensor) -> None:
+    """Raise ValueError if the plan was built for another token count or lives on another device."""
+    if plan.total_tokens != q.shape[0]:
+        raise ValueError(f"plan is for {plan.total_tokens} packed tokens, q has {q.shape[0]}")
+    if plan.device != q.device:
+        raise ValueError(f"plan is on {plan.device}, q on {q.device}: build the plan on q's device")

@@ -44,7 +44,7 @@ def structured_flops(
 
 
 def _make_bench(provider: str, n_demos: int, demo_len: int, query_len: int, heads: int, head_dim: int,
-                mode: str, dtype: torch.dtype):
+                mode: str, dtype: torch.dtype, device: str = "cuda"):
     """A zero-argument callable running one attention (and its backward), or ``None`` if skipped."""
     import torch.nn.functional as F
 
@@ -52,13 +52,13 @@ def _make_bench(provider: str, n_demos: int, demo_len: int, query_len: int, head
     from saicl.layout import build_layout
     from saicl.testing import random_table, segment_batch
 
-    device = "cuda"
     length = n_demos * demo_len + query_len
     mask, seg = segment_batch([[demo_len] * n_demos], [query_len])
     layout = build_layout(mask.to(device), seg.to(device), "saicl")
-    table = random_table(heads, 128, dtype=torch.float32).to(device)
     shape = (1, length, heads, head_dim)
     needs_grad = mode == "fwd+bwd"
+    # The table is a trained parameter: fwd+bwd includes its gradient (the dK/dV kernel's bias part).
+    table = random_table(heads, 128, dtype=torch.float32).to(device).requires_grad_(needs_grad)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=needs_grad) for _ in range(3))
     grad = torch.randn(shape, device=device, dtype=dtype)
 
@@ -79,7 +79,7 @@ def _make_bench(provider: str, n_demos: int, demo_len: int, query_len: int, head
             return None
         from saicl.attention.eager import dense_bias
 
-        bias = dense_bias(layout, table.to(dtype)).bias  # (1, H, L, L), mask folded in
+        bias = dense_bias(layout, table.detach().to(dtype)).bias  # (1, H, L, L), mask folded in
 
         def run():
             out = F.scaled_dot_product_attention(
@@ -94,9 +94,12 @@ def _make_bench(provider: str, n_demos: int, demo_len: int, query_len: int, head
             with torch.no_grad():
                 run()
     else:
+        # The dense baselines take no table (sdpa) or a precomputed bias (sdpa-bias).
+        grad_inputs = (q, k, v, table) if provider in ("triton", "flex") else (q, k, v)
+
         def step():
             out = run()
-            torch.autograd.grad(out, (q, k, v), grad)
+            torch.autograd.grad(out, grad_inputs, grad)
     return step
 
 

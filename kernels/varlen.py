@@ -1,14 +1,18 @@
-"""Packed (varlen) metadata for the structured attention kernels.
+"""Packed (varlen) metadata for the structured attention kernels, from plain tensors.
 
-The kernels never see ``(batch, length)`` tensors: the valid tokens of every episode are packed
-back to back into ``(total_tokens, heads, head_dim)`` (``cu_seqlens`` style, padding dropped), and
-everything the kernels need about a token is one column of :attr:`VarlenPlan.fields`.
+The kernels never see ``(batch, length)`` tensors: the tokens of every episode are packed back to
+back into ``(total_tokens, heads, head_dim)`` (``cu_seqlens`` style, padding dropped). What the
+kernels need about a token is given per token:
 
-Span form (see :mod:`saicl.layout`): a token of a *local span* sees its own span and the episode's
-global span; a token of the *global span* sees every valid token of its episode. So the keys of
-token ``x`` are the union of at most two contiguous packed ranges ``[a0, a1) u [b0, b1)``. This
-relation is symmetric (``x`` sees ``y`` iff ``y`` sees ``x``), which the backward pass relies on:
-the query rows that can see a key tile are found with the very same ranges.
+* ``position``, ``shift``, ``is_query``: the relative distance of key ``y`` seen from ``x`` is
+  ``pos[y] - pos[x] + shift[x] * is_query[y] - shift[y] * is_query[x]`` (see ``docs/design.md``);
+* ``key_ranges``: the keys it may attend to, two half-open ranges ``[a0, a1) u [b0, b1)`` relative
+  to the start of its episode (``b0 == b1`` when there is no second range). This is exactly the
+  model's ``EncoderLayout.key_ranges()`` with its rows packed; :func:`build_plan` shifts them to
+  packed coordinates.
+
+Visibility must be symmetric (``x`` sees ``y`` iff ``y`` sees ``x``; every structure of the package
+is): the backward pass finds the query rows that see a key tile with that tile's own ranges.
 
 Scheduling: every episode is cut into *tiles* of ``block_m`` consecutive tokens (a tile never
 crosses an episode). A tile's key set is the union of its rows' ranges, stored as two disjoint
@@ -23,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from saicl.layout import EncoderLayout
-
-# Rows of VarlenPlan.fields.
-FIELD_POSITION, FIELD_SHIFT, FIELD_IS_QUERY, FIELD_A0, FIELD_A1, FIELD_B0, FIELD_B1 = range(7)
-N_FIELDS = 7
+# Rows of VarlenPlan.fields: the two view codes of every token (see view_codes).
+FIELD_VIEW0, FIELD_VIEW1 = range(2)
+N_FIELDS = 2
+# |position| and |position - shift| bound: the view codes 2 * value + is_query must fit int32.
+MAX_POSITION = 2**29
 # Columns of VarlenPlan.tiles.
 TILE_ROW0, TILE_ROW1, TILE_K1_LO, TILE_K1_HI, TILE_K2_LO, TILE_K2_HI = range(6)
 N_TILE_COLUMNS = 6
@@ -35,36 +39,42 @@ N_TILE_COLUMNS = 6
 
 @dataclass
 class VarlenPlan:
-    """Everything the kernels need about one batch of episodes, packed once per forward pass.
+    """Everything the kernels need about one batch of packed episodes (built once per forward pass).
 
     Attributes:
-        flat_index: ``(total_tokens,)`` long, index of every packed token in the flattened
-            ``(batch * length)`` input; packing is ``x.flatten(0, 1)[flat_index]``.
         cu_seqlens: ``(batch + 1,)`` int32, packed start of every episode (and the total).
-        fields: ``(7, total_tokens)`` int32 per-token fields: ``position``, ``shift``, ``is_query``
-            (relative-position formula of :mod:`saicl.layout`), then the key ranges
-            ``a0, a1, b0, b1`` in packed coordinates (``b0 == b1`` when there is no second range).
+        fields: ``(2, total_tokens)`` int32 view codes ``2 * position + is_query`` and
+            ``2 * (position - shift) + is_query`` (:func:`view_codes`).
+        ranges: ``(total_tokens, 4)`` int32 key ranges ``a0, a1, b0, b1`` in packed coordinates.
         tiles: ``(num_tiles, 6)`` int32: ``row0, row1`` (the tile's packed rows, ``row1 - row0 <=
             block_m``) and two disjoint key ranges ``k1_lo, k1_hi, k2_lo, k2_hi`` (possibly empty).
-        block_m: tile size the plan was built for.
-        batch, length: shape of the unpacked input.
+        block_m: tile size the plan was built for (rows per program, and the backward's key tile).
     """
 
-    flat_index: torch.Tensor
     cu_seqlens: torch.Tensor
     fields: torch.Tensor
+    ranges: torch.Tensor
     tiles: torch.Tensor
     block_m: int
-    batch: int
-    length: int
 
     @property
     def total_tokens(self) -> int:
-        return self.flat_index.shape[0]
+        return self.fields.shape[1]
 
     @property
     def num_tiles(self) -> int:
         return self.tiles.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.fields.device
+
+    def to(self, device: torch.device | str) -> VarlenPlan:
+        """The same plan with its tensors on ``device``."""
+        return VarlenPlan(
+            cu_seqlens=self.cu_seqlens.to(device), fields=self.fields.to(device), ranges=self.ranges.to(device),
+            tiles=self.tiles.to(device), block_m=self.block_m,
+        )
 
     def visited_pairs(self) -> int:
         """Query-key pairs the kernels compute (tile rows x visited keys), for efficiency reports."""
@@ -73,96 +83,106 @@ class VarlenPlan:
         keys = (t[:, TILE_K1_HI] - t[:, TILE_K1_LO]) + (t[:, TILE_K2_HI] - t[:, TILE_K2_LO])
         return int((rows * keys).sum())
 
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, length, *rest)`` -> ``(total_tokens, *rest)`` (differentiable gather)."""
-        return x.flatten(0, 1).index_select(0, self.flat_index)
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(total_tokens, *rest)`` -> ``(batch, length, *rest)``, zeros on padding (differentiable)."""
-        out = x.new_zeros((self.batch * self.length, *x.shape[1:]))
-        out = out.index_copy(0, self.flat_index, x)
-        return out.unflatten(0, (self.batch, self.length))
+def _check_vector(name: str, x: torch.Tensor, total: int) -> None:
+    if x.dim() != 1 or x.shape[0] != total:
+        raise ValueError(f"{name} must be ({total},) (one value per packed token); got {tuple(x.shape)}")
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer (or bool) tensor; got {x.dtype}")
 
 
-def _episode_spans(layout: EncoderLayout, b: int, n: int) -> list[tuple[int, int, bool]]:
-    """``(start, length, is_local)`` spans of episode ``b`` sorted by start; checks they tile ``[0, n)``."""
-    spans = [(s, length, True) for s, length in layout.local_spans[b] if length > 0]
-    glob = layout.global_spans[b]
-    if glob is not None and glob[1] > 0:
-        spans.append((glob[0], glob[1], False))
-    spans.sort()
-    covered = 0
-    for start, length, _ in spans:
-        if start != covered:
-            raise ValueError(f"episode {b}: layout spans do not tile the episode (gap or overlap at {start})")
-        covered += length
-    if covered != n:
-        raise ValueError(f"episode {b}: layout spans cover {covered} tokens, the episode has {n}")
-    return spans
-
-
-def build_plan(layout: EncoderLayout, block_m: int) -> VarlenPlan:
-    """Pack the layout into per-token fields and a tile schedule (one host pass, one copy to device).
+def build_plan(
+    cu_seqlens: torch.Tensor,
+    position: torch.Tensor,
+    shift: torch.Tensor,
+    is_query: torch.Tensor,
+    key_ranges: torch.Tensor,
+    block_m: int,
+) -> VarlenPlan:
+    """Per-token fields and a tile schedule (one host pass, one copy to ``position``'s device).
 
     Args:
-        layout: the encoder layout (valid tokens must be a prefix of every row, as built by
-            :func:`saicl.layout.build_layout`).
+        cu_seqlens: ``(batch + 1,)`` integer, packed start of every episode; ``cu_seqlens[0] == 0``,
+            non-decreasing, ``cu_seqlens[-1] == total_tokens``.
+        position, shift, is_query: ``(total_tokens,)`` integer (``is_query`` may be bool).
+        key_ranges: ``(total_tokens, 4)`` integer ``[a0, a1, b0, b1]`` relative to the token's episode
+            start, ``0 <= a0 <= a1 <= n`` and ``0 <= b0 <= b1 <= n`` (``n`` its episode's length);
+            every token must see itself. Visibility must be symmetric (module docstring).
         block_m: tile size (rows per program); also the key-tile size of the backward pass.
     Returns:
-        A :class:`VarlenPlan` on ``layout.device``.
+        A :class:`VarlenPlan` on ``position``'s device.
+    Raises:
+        ValueError: naming the argument that does not fit.
     """
     if block_m <= 0:
         raise ValueError(f"block_m must be positive, got {block_m}")
-    device = layout.device
-    valid = layout.valid.detach().to("cpu")
-    lengths = valid.sum(1).tolist()
-    if not bool((valid == (torch.arange(valid.shape[1]) < valid.sum(1, keepdim=True))).all()):
-        raise ValueError("layout.valid must be a prefix of every row (padding on the right)")
-    batch, length = valid.shape
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
+    device = position.device
+    cu = cu_seqlens.detach().to("cpu").long()
+    if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be (batch + 1,) non-decreasing and start at 0; got {cu.tolist()[:8]}")
+    total = int(cu[-1])
+    for name, x in (("position", position), ("shift", shift), ("is_query", is_query)):
+        _check_vector(name, x, total)
+    if key_ranges.shape != (total, 4) or key_ranges.dtype.is_floating_point:
+        raise ValueError(
+            f"key_ranges must be an integer ({total}, 4) tensor [a0, a1, b0, b1]; got "
+            f"{tuple(key_ranges.shape)} {key_ranges.dtype}"
+        )
+    if total >= 2**31:
+        raise ValueError(f"total_tokens must be < 2**31 (int32 token indices); got {total}")
 
-    # Per span: (packed start, length, a0, a1, b0, b1); repeated over the span's tokens below.
-    span_rows: list[tuple[int, int, int, int, int, int]] = []
-    for b, n in enumerate(lengths):
-        if n == 0:
-            continue
-        base = cu[b]
-        glob = layout.global_spans[b]
-        g0, g1 = (base + glob[0], base + glob[0] + glob[1]) if glob is not None and glob[1] > 0 else (0, 0)
-        for start, span_len, is_local in _episode_spans(layout, b, n):
-            s0 = base + start
-            if is_local:
-                span_rows.append((s0, span_len, s0, s0 + span_len, g0, g1))
-            else:  # global span: every valid token of the episode
-                span_rows.append((s0, span_len, base, base + n, 0, 0))
-    spans = torch.tensor(span_rows, dtype=torch.long).reshape(-1, 6)
-    span_len = spans[:, 1]
-    ranges = torch.repeat_interleave(spans[:, 2:6], span_len, dim=0)  # (total, 4)
+    lengths = cu[1:] - cu[:-1]
+    episode_start = torch.repeat_interleave(cu[:-1], lengths)  # (total,)
+    episode_len = torch.repeat_interleave(lengths, lengths)
+    local = key_ranges.detach().to("cpu").long()
+    a0, a1, b0, b1 = local.t()
+    own = torch.arange(total) - episode_start
+    bad = (
+        (a0 < 0) | (a0 > a1) | (a1 > episode_len) | (b0 < 0) | (b0 > b1) | (b1 > episode_len)
+        | ~(((own >= a0) & (own < a1)) | ((own >= b0) & (own < b1)))
+    )
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0])
+        raise ValueError(
+            f"key_ranges[{t}] = {local[t].tolist()} is not two ranges inside its episode of "
+            f"{int(episode_len[t])} tokens containing the token itself (index {int(own[t])})"
+        )
+    ranges = local + episode_start[:, None]
+    # Normal form: a non-empty first range (the tile schedule spans first ranges), an empty second
+    # range as (0, 0).
+    swap = (a1 == a0)[:, None]
+    ranges = torch.where(swap, ranges[:, [2, 3, 0, 1]], ranges)
+    ranges[:, 2:] = torch.where((ranges[:, 3] > ranges[:, 2])[:, None], ranges[:, 2:], 0)
 
-    flat_index = torch.nonzero(valid.flatten(), as_tuple=False).flatten()
-    per_token = [
-        layout.position.detach().to("cpu").flatten()[flat_index],
-        layout.shift.detach().to("cpu").flatten()[flat_index],
-        layout.is_query.detach().to("cpu").flatten()[flat_index].long(),
-    ]
-    fields = torch.stack([*per_token, *ranges.t()]).to(torch.int32)
-
-    tiles = _tiles(cu, ranges, block_m)
+    fields = view_codes(position.detach().to("cpu"), shift.detach().to("cpu"), is_query.detach().to("cpu"))
+    tiles = _tiles(cu.tolist(), ranges, block_m)
     return VarlenPlan(
-        flat_index=flat_index.to(device),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
-        fields=fields.contiguous().to(device),
+        cu_seqlens=cu.to(torch.int32).to(device),
+        fields=fields.to(torch.int32).contiguous().to(device),
+        ranges=ranges.to(torch.int32).contiguous().to(device),
         tiles=tiles.contiguous().to(device),
         block_m=block_m,
-        batch=batch,
-        length=length,
     )
 
 
+def view_codes(position: torch.Tensor, shift: torch.Tensor, is_query: torch.Tensor) -> torch.Tensor:
+    """``(2, n)`` long: ``2 * position + is_query`` and ``2 * (position - shift) + is_query``.
+
+    A token's position seen from a non-query token is ``position``, seen from a query token
+    ``position - shift``, so ``rel(x, y) = view[is_query[x]](y) - view[is_query[y]](x)``; the low bit
+    carries ``is_query`` along. Two int32 vectors per token instead of three.
+    """
+    pos, shift, isq = position.long(), shift.long(), is_query.long()
+    if bool(((isq != 0) & (isq != 1)).any()):
+        raise ValueError("is_query must be 0/1 (or bool)")
+    for name, value in (("position", pos), ("position - shift", pos - shift)):
+        if value.numel() and int(value.abs().max()) >= MAX_POSITION:
+            raise ValueError(f"{name} must lie in (-2**29, 2**29); got {int(value.abs().max())}")
+    return torch.stack([2 * pos + isq, 2 * (pos - shift) + isq])
+
+
 def _tiles(cu: list[int], ranges: torch.Tensor, block_m: int) -> torch.Tensor:
-    """Tile schedule ``(num_tiles, 6)`` int32 from per-token ranges ``(total, 4)`` (a0, a1, b0, b1)."""
+    """Tile schedule ``(num_tiles, 6)`` int32 from packed per-token ranges ``(total, 4)`` (a0, a1, b0, b1)."""
     starts, ends = [], []
     for b in range(len(cu) - 1):
         for row0 in range(cu[b], cu[b + 1], block_m):

@@ -11,26 +11,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 
-from .config import TrainConfig, config_fields, load_yaml
+from saicl.outputs import save_results, validate_output_file
+
+from .config import TrainConfig, config_fields, field_type, load_yaml
+
+PROG = "saicl-train"
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _field_type(f: dataclasses.Field):
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else hint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write the results (losses, held-out accuracy) as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     for f in config_fields():
-        kind = _field_type(f)
+        kind = field_type(f.name)[0]
         help_text = f.metadata.get("help", "")
         if f.name == "structure":
             parser.add_argument(_flag(f.name), default=None, help=help_text + "; a comma list (saicl,full,fid) "
@@ -85,21 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("saicl.meta_train").setLevel(logging.INFO)
     try:
         config, structures = config_from_args(args)
+        if args.json is not None:
+            validate_output_file(args.json, "--json")  # before training: a bad path must not cost the run
     except (ValueError, TypeError) as err:
-        parser.exit(2, f"saicl-train: error: {err}\n")
+        parser.exit(2, f"{PROG}: error: {err}\n")
 
-    from .train import train, train_structures
+    from .train import CheckpointWriteError, train, train_structures
 
+    results: dict = {}  # filled as structures finish: kept (printed, written) whatever stops the next one
+    code, error = 0, None
     try:
         if len(structures) == 1:
-            results = {structures[0]: train(config)}
+            results[structures[0]] = train(config)
         else:
-            results = train_structures(config, structures)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"saicl-train: error: {err}", file=sys.stderr)
-        return 2
-    ok = all(r.stopped == "max_steps" for r in results.values())
+            train_structures(config, structures, results=results)
+    except (ValueError, FileNotFoundError) as err:  # bad input; every folder was checked before training
+        code, error = 2, f"{PROG}: error: {err}"
+    except CheckpointWriteError as err:  # disk full, ...: the last complete checkpoint is named
+        code, error = 1, f"{PROG}: error: {err}"
+    except KeyboardInterrupt:
+        code, error = 130, f"{PROG}: interrupted{_resume_hint(config, structures, results)}"
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if error is not None and rank0:
+        print(error, file=sys.stderr)
     for structure, result in results.items():
         if not rank0:
             break
@@ -109,13 +112,32 @@ def main(argv: list[str] | None = None) -> int:
         where = result.model_dir or result.last_checkpoint
         print(f"{structure}: {result.steps} steps in {result.wall_time_s:.0f} s{accuracy} -> {where}")
         if result.message:
-            print(f"saicl-train: error: {structure}: {result.message}", file=sys.stderr)
-    if args.json and rank0:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            print(f"{PROG}: error: {structure}: {result.message}", file=sys.stderr)
+    if args.json and rank0 and results:
         payload = {"config": config.to_dict(), "structures": structures,
                    "results": {s: r.to_dict() for s, r in results.items()}}
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
-    return 0 if ok else 1
+        if error is not None:
+            payload["error"] = error
+        text = json.dumps(payload, indent=1) + "\n"
+        _, saved = save_results(args.json, lambda tmp: tmp.write_text(text, encoding="utf-8"), "--json", PROG,
+                                beside=[config.output_dir])
+        code = code or (0 if saved else 1)
+    ok = all(r.stopped == "max_steps" for r in results.values())
+    return code or (0 if ok else 1)
+
+
+def _resume_hint(config: TrainConfig, structures: list[str], results: dict) -> str:
+    """``"; continue with ..."`` naming the interrupted structure's last complete checkpoint, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    pending = [s for s in structures if s not in results]
+    if not pending:
+        return ""
+    folder = Path(config.output_dir) / pending[0] if len(structures) > 1 else Path(config.output_dir)
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is None:
+        return ""
+    return f"; the last complete checkpoint is {last} (continue with --resume latest --output-dir {folder})"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ class TrainConfig:
     # data
     data: str = field(default=SYNTHETIC, metadata={"help": "'synthetic' or 'synthetic:FAMILY[,FAMILY]' (fresh tasks "
                                                    "every episode: lookup, mapping, position), or a .jsonl file, "
-                                                   "MetaICL folder or Hub dataset (DESIGN §6)"})
+                                                   "MetaICL folder or Hub dataset (docs/design.md §6)"})
     data_config: str | None = field(default=None, metadata={"help": "split config for --data (path or shipped "
                                                             "name); its 'train' tasks train, 'test' tasks evaluate"})
     k: str = field(default="2", metadata={"help": "demonstrations per episode: N or a range LO-HI drawn uniformly"})
@@ -71,6 +74,8 @@ class TrainConfig:
         from saicl.attention.registry import check_backend_name
         from saicl.structures import get_structure
 
+        for f in dataclasses.fields(self):  # types first: YAML "no" must not pass as a true boolean
+            setattr(self, f.name, check_field_value(f.name, getattr(self, f.name)))
         try:
             get_structure(self.structure)
         except (KeyError, ValueError) as err:
@@ -90,6 +95,11 @@ class TrainConfig:
             raise ValueError(f"eval_k={self.eval_k}: expected >= 0")
         if self.resume is not None and self.resume != "latest" and not Path(self.resume).is_dir():
             raise ValueError(f"resume={self.resume!r}: expected 'latest' or an existing checkpoint folder")
+        if self.synthetic_families is None and not Path(self.data).expanduser().exists() \
+                and looks_like_local_path(self.data):
+            # a mistyped local path: say so now, instead of trying it as a Hub dataset first
+            raise ValueError(f"data={self.data!r}: no such file or folder (Hub dataset names are 'name' or "
+                             "'owner/name')")
 
     @property
     def k_schedule(self) -> KSchedule:
@@ -114,6 +124,63 @@ def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
+@functools.cache
+def _type_hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """``(base type, whether None is allowed)`` of a TrainConfig field (``int | None`` -> ``(int, True)``)."""
+    hint = _type_hints()[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def check_field_value(name: str, value):
+    """``value`` checked against the field's type (YAML gives strings such as ``"no"`` where a boolean is
+    meant); an integer for a text field (``k: 2``) or a numeric string for a float (PyYAML reads ``3e-3`` as
+    text) is converted. Raises ValueError naming the field."""
+    kind, optional = field_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}=None: a value is required")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r}: expected an integer")
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r}: expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r}: expected a number")
+        value = float(value)
+    elif kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{name}={value!r}: expected text")
+        value = str(value)
+    return value
+
+
+def looks_like_local_path(text: str) -> bool:
+    """Whether a ``--data`` value that does not exist was meant as a local path (not a Hub dataset id): it is
+    absolute or starts with ``.``/``~``, ends with ``.jsonl``/``.json``, has more than one ``/`` (Hub ids are
+    ``name`` or ``owner/name``), or its first component exists here (``data/offlin`` beside ``data/``)."""
+    if text.startswith((".", "~", "/")) or Path(text).is_absolute() or text.endswith((".jsonl", ".json")):
+        return True
+    if os.sep != "/" and os.sep in text:
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists())
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Fields of a YAML config file (keys are TrainConfig field names, ``-`` or ``_``), validated by name."""
     import yaml
@@ -132,7 +199,15 @@ def load_yaml(path: str | os.PathLike) -> dict:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"--config {path}: unknown fields {unknown}; known: {sorted(names)}")
+    for name, value in values.items():
+        if name == "structure" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue  # a YAML list of structures (the flag's comma list)
+        try:
+            values[name] = check_field_value(name, value)
+        except ValueError as err:
+            raise ValueError(f"--config {path}: {err}") from None
     return values
 
 
-__all__ = ["SYNTHETIC", "TrainConfig", "config_fields", "load_yaml"]
+__all__ = ["SYNTHETIC", "TrainConfig", "check_field_value", "config_fields", "field_type", "load_yaml",
+           "looks_like_local_path"]

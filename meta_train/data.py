@@ -1,4 +1,4 @@
-"""Task data in the MetaICL-compatible format of DESIGN §6: loading, validation, demonstrations, episodes.
+"""Task data in the MetaICL-compatible format of docs/design.md: loading, validation, demonstrations, episodes.
 
 Two layouts load into the same ``{task name: TaskData}`` mapping:
 
@@ -83,9 +83,16 @@ def parse_row(row: object, where: str, task: str | None = None) -> Example:
             raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
     if not row["input"].strip():
         raise DataError(f"{where}: field 'input' is empty")
-    options = row.get("options") or []
+    # Only a missing field or null means "no options" (a generation task): "" or any other non-list is
+    # a mistake, not a silent switch to generation.
+    options = row.get("options")
+    if options is None:
+        options = []
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-        raise DataError(f"{where}: field 'options' must be a list of strings, got {options!r}")
+        raise DataError(
+            f"{where}: field 'options' must be a list of strings (or [] / absent for a generation task), "
+            f"got {options!r}"
+        )
     if options and row["output"] not in options:
         raise DataError(f"{where}: output {row['output']!r} is not among the options {options!r}")
     if not options and not row["output"].strip():
@@ -93,10 +100,55 @@ def parse_row(row: object, where: str, task: str | None = None) -> Example:
     return Example(input=row["input"], output=row["output"], options=tuple(options), task=name)
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF8_BOM = "\ufeff"
+
+
+def _encoding_hint(path: Path, first_bytes: bytes) -> str:
+    """Why a file may not decode as UTF-8, for the error message ('' when there is no clue)."""
+    if first_bytes.startswith(_UTF16_BOMS):
+        return f"; {path.name} starts with a UTF-16 byte-order mark: save it as UTF-8"
+    if b"\x00" in first_bytes:
+        return "; is the file UTF-16? save it as UTF-8"
+    return "; save the file as UTF-8"
+
+
+def decode_line(raw: bytes, path: Path, number: int, first_bytes: bytes) -> str:
+    """One line of a text file as UTF-8 (a UTF-8 byte-order mark on line 1 is accepted and dropped).
+
+    Raises:
+        DataError naming the file, the line and the offending byte, with a hint (UTF-16, NUL bytes).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            + _encoding_hint(path, first_bytes)
+        ) from None
+    if number == 1 and text.startswith(_UTF8_BOM):
+        text = text[1:]
+    if "\x00" in text:
+        raise DataError(f"{path}, line {number}: holds NUL bytes" + _encoding_hint(path, first_bytes))
+    return text
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file (BOM accepted); decoding errors name the file and line (see :func:`decode_line`)."""
+    data = path.read_bytes()
+    return "\n".join(decode_line(raw, path, n, data[:64]) for n, raw in enumerate(data.split(b"\n"), start=1))
+
+
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line of a ``.jsonl`` file; errors name file and line."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """``(line number, object)`` for every non-blank line of a ``.jsonl`` file; errors name file and line.
+
+    The file must be UTF-8 (a leading byte-order mark is accepted); any other encoding is reported by line.
+    """
+    with path.open("rb") as handle:
+        first_bytes = handle.read(64)
+        handle.seek(0)
+        for number, raw in enumerate(handle, start=1):
+            line = decode_line(raw, path, number, first_bytes)
             if not line.strip():
                 continue
             try:
@@ -120,7 +172,7 @@ def read_jsonl(path: str | os.PathLike, task: str | None = None) -> list[Example
 
 
 def to_dataset(examples: Sequence[Example]):
-    """The examples as a ``datasets.Dataset`` with DESIGN §6 columns (for ``datasets`` pipelines)."""
+    """The examples as a ``datasets.Dataset`` with the columns of docs/design.md (for ``datasets`` pipelines)."""
     import datasets
 
     return datasets.Dataset.from_list(
@@ -156,7 +208,7 @@ def read_split_config(path: str | os.PathLike) -> dict[str, list[str]]:
     """``{"train": [...], "test": [...]}`` from a JSON split config, validated (test tasks held out)."""
     path = Path(path)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}, line {err.lineno}: split config is not valid JSON ({err.msg})") from err
     if not isinstance(config, dict) or not any(s in config for s in SPLITS):
@@ -179,17 +231,19 @@ def read_split_config(path: str | os.PathLike) -> dict[str, list[str]]:
 # The two layouts
 
 
-def split_examples(name: str, examples: Sequence[Example], k: int) -> TaskData:
-    """Deterministic split of one task of a single file: queries are a fixed half (at most ``n - k``).
+def split_examples(name: str, examples: Sequence[Example], k: int = 0) -> TaskData:
+    """Deterministic split of one task of a single file: a fixed half are queries, the rest the pool.
 
-    The shuffle depends on the task name only, never on the demonstration seed, so every seed is
-    evaluated on the same queries (as in MetaICL).
+    The split depends on the task's name and examples only, never on ``k`` or the demonstration seed,
+    so every ``k`` and every seed is evaluated on the same queries (as in MetaICL) and a scaling curve
+    compares the same questions. A ``k`` larger than the pool is reported by the caller (evaluation skips
+    the task for that ``k``; meta-training draws from the pool and queries together).
     """
     if len(examples) < k + 1:
         raise DataError(f"task {name!r} has {len(examples)} examples; k={k} needs at least k+1 = {k + 1}")
     order = list(examples)
     random.Random(f"split:{name}").shuffle(order)
-    n_test = max(1, min(len(order) - k, len(order) // 2))
+    n_test = max(1, len(order) // 2)
     return TaskData(name=name, train=order[: len(order) - n_test], test=order[len(order) - n_test:])
 
 
@@ -278,7 +332,7 @@ def load_tasks(
     k: int = 16,
     seed: int = 100,
 ) -> dict[str, TaskData]:
-    """Load tasks (DESIGN §6), keyed by task name in sorted order.
+    """Load tasks (format: docs/design.md), keyed by task name in sorted order.
 
     Args:
         path: a single ``.jsonl`` file (tasks grouped by ``"task"``; each task split deterministically
@@ -324,19 +378,23 @@ def sample_demonstrations(task: TaskData, k: int, seed: int) -> list[Example]:
     """``k`` demonstrations drawn from ``task.train`` with ``random.Random(seed)`` (one draw per seed).
 
     A pool of exactly ``k`` examples (a MetaICL ``{task}_{k}_{seed}_train.jsonl`` file) is already the
-    seed's draw and is returned in file order.
+    seed's draw and is returned in file order; then every seed of a single pool gets the same
+    demonstrations (:func:`saicl.eval.evaluate.evaluate_model` reports that).
     """
     if k < 0:
         raise ValueError(f"k={k}: expected k >= 0")
     if k > len(task.train):
-        raise ValueError(f"task {task.name!r} has {len(task.train)} training examples, fewer than k={k}")
+        raise ValueError(
+            f"task {task.name!r} has {len(task.train)} demonstration candidates (its queries are held apart), "
+            f"fewer than k={k}"
+        )
     if k == len(task.train):
         return list(task.train)
     return random.Random(seed).sample(task.train, k)
 
 
 def make_episode(demonstrations: Sequence[Example], query: Example) -> dict:
-    """The processor's episode dict (DESIGN §5) plus the query's ``options`` and gold ``output``."""
+    """The processor's episode dict (docs/design.md) plus the query's ``options`` and gold ``output``."""
     return {
         "demonstrations": [(d.input, d.output) for d in demonstrations],
         "query": query.input,
@@ -346,7 +404,7 @@ def make_episode(demonstrations: Sequence[Example], query: Example) -> dict:
 
 
 def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> int:
-    """Write examples as DESIGN §6 lines (parents created); returns the count."""
+    """Write examples as JSON lines of the design's format (parents created); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saicl.processing import TruncationReport
+
 from .data import Example, TaskData, make_episode
 from .synthetic import get_family, sample_episode
 
@@ -106,19 +108,50 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return make_episode(demos, query)
 
 
+TRUNCATION_KEY = "truncation"  # batch field: the collated batch's TruncationReport counts, as a tensor
+
+
 class EpisodeCollator:
-    """Episodes -> ``input_ids``, ``attention_mask``, ``segment_ids`` and ``labels`` (the gold outputs)."""
+    """Episodes -> ``input_ids``, ``attention_mask``, ``segment_ids``, ``labels`` (the gold outputs) and
+    ``truncation``: a ``(5,)`` long tensor of the batch's :class:`~saicl.TruncationReport` counts.
+
+    The collator runs inside ``DataLoader`` workers when ``num_workers >= 1``, where a counter would stay in
+    the worker; the counts travel with the batch instead and the training loop sums them
+    (:class:`TruncationCounter`), separately for training and evaluation batches.
+    """
 
     def __init__(self, processor, max_target_tokens: int = 32):
         self.processor = processor
         self.max_target_tokens = max_target_tokens
-        self.truncated = 0  # demonstrations + queries cut by the caps so far (reported, never silent)
 
     def __call__(self, episodes: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.processor(episodes)
-        self.truncated += batch.truncation.demonstrations + batch.truncation.queries
         labels = self.processor.encode_targets([e["output"] for e in episodes], max_tokens=self.max_target_tokens)
-        return {**dict(batch), "labels": labels}
+        counts = torch.tensor([getattr(batch.truncation, name) for name in TruncationReport.COUNTS], dtype=torch.long)
+        return {**dict(batch), "labels": labels, TRUNCATION_KEY: counts}
+
+
+class TruncationCounter:
+    """Sums the ``truncation`` field of collated batches, per kind of batch (``"train"``, ``"eval"``)."""
+
+    def __init__(self):
+        self.reports: dict[str, TruncationReport] = {}
+
+    def pop(self, inputs: dict, kind: str) -> dict:
+        """Remove the ``truncation`` field from ``inputs`` (the model does not take it) and count it."""
+        counts = inputs.pop(TRUNCATION_KEY, None)
+        if counts is not None:
+            report = self.reports.setdefault(kind, TruncationReport())
+            report.add(TruncationReport(**dict(zip(TruncationReport.COUNTS, counts.tolist()))))
+        return inputs
+
+    def report(self, kind: str) -> TruncationReport:
+        return self.reports.get(kind, TruncationReport())
+
+    def truncated(self, kind: str) -> int:
+        """Demonstrations + queries cut by the caps in the ``kind`` batches counted so far."""
+        report = self.report(kind)
+        return report.demonstrations + report.queries
 
 
 def fixed_episodes(source: EpisodeSource, k: int, n: int, seed: int) -> list[dict]:
@@ -132,6 +165,8 @@ __all__ = [
     "EpisodeDataset",
     "EpisodeSource",
     "KSchedule",
+    "TRUNCATION_KEY",
+    "TruncationCounter",
     "SyntheticSource",
     "TaskSource",
     "fixed_episodes",

@@ -8,7 +8,7 @@ import torch
 
 # Named configs built from scratch (no download); all use the byte-level ByT5 vocabulary (384), whose
 # tokenizer needs no files. ``tiny`` is the shape that crossed the in-context-learning plateau on a
-# 2-core CPU (FINDINGS.md): d_model 64, 2 encoder + 1 decoder layers, 4 heads.
+# 2-core CPU (docs/meta_training.md): d_model 64, 2 encoder + 1 decoder layers, 4 heads.
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny": dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=1, num_heads=4),
     "tiny-wide": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=1, num_heads=4),
@@ -44,16 +44,37 @@ def build_model(model: str, structure: str = "saicl", attn_backend: str = "auto"
         return SAICLForConditionalGeneration(named_config(model, structure, attn_backend)), ByT5Tokenizer()
     from transformers import AutoTokenizer
 
+    from saicl.checkpoints import load_model
+
     if not Path(model).exists() and ("/" not in model or model.startswith((".", "/"))):
         raise ValueError(
             f"--model {model!r} is not a named config ({sorted(NAMED_CONFIGS)}), a local folder, or a Hub id"
         )
+    if Path(model).exists():  # a local folder: validated first, every problem named by file
+        loaded = load_model(model, "--model", structure=structure, attn_backend=attn_backend)
+    else:
+        try:
+            loaded = SAICLForConditionalGeneration.from_pretrained(
+                model, structure=structure, attn_backend=attn_backend
+            )
+        except OSError as err:
+            raise ValueError(f"--model {model!r}: could not load a T5 checkpoint from the Hub ({err})") from err
     try:
-        loaded = SAICLForConditionalGeneration.from_pretrained(model, structure=structure, attn_backend=attn_backend)
         tokenizer = AutoTokenizer.from_pretrained(model)
-    except OSError as err:
-        raise ValueError(f"--model {model!r}: could not load a T5 checkpoint and tokenizer ({err})") from err
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"--model {model!r}: could not load its tokenizer ({err})") from err
     return loaded, tokenizer
 
 
-__all__ = ["NAMED_CONFIGS", "build_model", "named_config"]
+def model_config_dict(model: str) -> dict | None:
+    """The config ``--model`` builds, as a dict (``None`` for a Hub id: not checked offline)."""
+    from saicl.checkpoints import checkpoint_config
+
+    if model in NAMED_CONFIGS:
+        return named_config(model).to_dict()
+    if Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        return checkpoint_config(model)
+    return None
+
+
+__all__ = ["NAMED_CONFIGS", "build_model", "model_config_dict", "named_config"]

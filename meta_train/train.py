@@ -26,17 +26,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from saicl import ICLProcessor
+from saicl.checkpoints import check_resume_compatible, resume_checkpoint
+from saicl.outputs import publish_entry
 
 from .config import TrainConfig
 from .data import load_tasks, make_episode, read_split_config, resolve_config, sample_demonstrations
-from .episodes import EpisodeCollator, EpisodeDataset, SyntheticSource, TaskSource, fixed_episodes
+from .episodes import EpisodeCollator, EpisodeDataset, SyntheticSource, TaskSource, TruncationCounter, fixed_episodes
 from .evaluate import option_accuracy
-from .models import build_model
+from .models import build_model, model_config_dict
+from .run_dir import FINAL, STAGING, CheckpointWriteError, check_run_dir, claimed_run_dir, write_failure
 
 logger = logging.getLogger(__name__)
 
-STAGING = ".staging"  # checkpoints are written here, then renamed into place (atomic publish)
-FINAL = "final"  # the trained model in save_pretrained format: {output_dir}/final
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,7 +59,8 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # logged (step, mean training loss)
     step_losses: list[float] = field(default_factory=list)  # exact loss of each step run by this process
     evals: list[dict] = field(default_factory=list)  # {"step", "eval_loss", "accuracy", "chance", "ratio"}
-    truncated: int = 0  # demonstrations + queries cut by the token caps
+    truncated: int = 0  # demonstrations + queries of training batches cut by the token caps (all ranks)
+    eval_truncated: int = 0  # the same for held-out loss batches (counted apart from training)
     message: str = ""
     rank_digests: list[str] = field(default_factory=list)  # sha256 of each rank's final weights
     saving_ranks: list[int] = field(default_factory=list)  # ranks that wrote model/optimizer/state files
@@ -122,6 +124,12 @@ class MetaTrainer(Trainer):
         self.processor = processor
         self.step_losses: list[float] = []
         self._staging_root: str | None = None
+        self.owned_dir = None  # the claimed output folder (saicl.outputs.OwnedDir) on the main process
+        self.truncation = TruncationCounter()  # the collated batches' counts, summed here (not in workers)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.truncation.pop(inputs, "train" if model.training else "eval")
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
@@ -156,8 +164,19 @@ class MetaTrainer(Trainer):
             shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # leftover of a crash
         self.accelerator.wait_for_everyone()
         self._staging_root = staging_root
+        if self.owned_dir is not None:
+            self.owned_dir.record(STAGING, name)  # before writing: a crash never leaves an entry nobody owns
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as err:  # disk full, ...: only .staging/ was written, the published checkpoints are intact
+            reason = write_failure(err, run_dir)
+            if reason is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+            last = get_last_checkpoint(run_dir)
+            raise CheckpointWriteError(f"could not write {name} into {run_dir} ({reason}); the last complete "
+                                       f"checkpoint is {last or 'none (none was written yet)'}") from err
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
@@ -168,14 +187,9 @@ class MetaTrainer(Trainer):
 
 
 def publish(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Move a completely written folder to ``dst`` by rename (replacing an older ``dst``)."""
-    src, dst = Path(src), Path(dst)
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    """Move a completely written folder to ``dst`` by rename (replacing an older ``dst``, set aside under a hidden
+    name first: nothing of the user's, such as a ``final.old``, is ever touched)."""
+    publish_entry(src, dst)
 
 
 class _LogAccuracy(TrainerCallback):
@@ -234,12 +248,11 @@ def _resume_path(config: TrainConfig) -> str | None:
                 "or choose another --output-dir"
             )
         return None
-    if config.resume == "latest":
-        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-        if last is None:
-            raise ValueError(f"--resume latest: no checkpoint-N folder in {config.output_dir}")
-        return last
-    return config.resume
+    # Checked before anything is built: a damaged newest checkpoint falls back to the newest intact one
+    # (with a warning), and a checkpoint of another structure or architecture is refused, naming both.
+    resume = resume_checkpoint(config.output_dir, config.resume)
+    check_resume_compatible(resume, config.structure, config.model, model_config_dict(config.model))
+    return str(resume)
 
 
 def _evals(log_history: list[dict]) -> list[dict]:
@@ -263,9 +276,21 @@ def weights_digest(model: torch.nn.Module) -> str:
 def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """Run one meta-training job and return its :class:`TrainResult` (only rank 0 writes files).
 
+    ``config.output_dir`` is checked first and claimed for the run (see :mod:`saicl.meta_train.run_dir`):
+    a folder holding anything this tool did not write, a finished run, or another run's lock is refused
+    before anything is built, and nothing is ever replaced or deleted that a run did not write.
+
     Raises:
-        ValueError: bad configuration or data (the message says what and where).
+        ValueError: bad configuration or data, or an output folder that must not be written (the message
+            says what and where).
+        CheckpointWriteError: a checkpoint or the final model could not be written (the last complete
+            checkpoint is named and intact).
     """
+    with claimed_run_dir(config.output_dir, config.resume) as owned:
+        return _train(config, callbacks, owned)
+
+
+def _train(config: TrainConfig, callbacks: Sequence[TrainerCallback], owned) -> TrainResult:
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -282,6 +307,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Tra
         eval_dataset=eval_episodes or None, processing_class=tokenizer, callbacks=[_LogAccuracy(), *callbacks],
         accuracy_episodes=eval_episodes, processor=processor,
     )
+    trainer.owned_dir = owned
     stopped, message = "max_steps", ""
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -294,11 +320,23 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Tra
     model_dir = None
     if stopped == "max_steps":
         staging = output_dir / STAGING / FINAL
-        trainer.save_model(str(staging))  # writes on the main process only
-        trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            (staging / "meta_train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-            publish(staging, output_dir / FINAL)
+        try:
+            if owned is not None:
+                owned.record(STAGING, FINAL)
+            trainer.save_model(str(staging))  # writes on the main process only
+            trainer.accelerator.wait_for_everyone()
+            if trainer.is_world_process_zero():
+                (staging / "meta_train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+                publish(staging, output_dir / FINAL)
+        except Exception as err:  # disk full, ...: the published checkpoints are intact
+            reason = write_failure(err, output_dir)
+            if reason is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            last = get_last_checkpoint(str(output_dir))
+            raise CheckpointWriteError(f"could not write the final model into {output_dir / FINAL} ({reason}); "
+                                       f"the last complete checkpoint is {last or 'none (none was written yet)'}"
+                                       ) from err
         trainer.accelerator.wait_for_everyone()
         model_dir = str(output_dir / FINAL)
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -318,7 +356,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Tra
         losses=[(e["step"], e["loss"]) for e in history if "loss" in e],
         step_losses=trainer.step_losses,
         evals=_evals(history),
-        truncated=collator.truncated,
+        truncated=sum(gather_object([trainer.truncation.truncated("train")])),
+        eval_truncated=sum(gather_object([trainer.truncation.truncated("eval")])),
         message=message,
         rank_digests=rank_digests,
         saving_ranks=saving_ranks,
@@ -326,13 +365,22 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Tra
 
 
 def train_structures(config: TrainConfig, structures: Sequence[str] = ("saicl", "full", "fid"),
-                     callbacks: Sequence[TrainerCallback] = ()) -> dict[str, TrainResult]:
+                     callbacks: Sequence[TrainerCallback] = (),
+                     results: dict[str, TrainResult] | None = None) -> dict[str, TrainResult]:
     """Train each structure from the same initialisation and data (``config.seed``) into
-    ``{config.output_dir}/{structure}``."""
-    return {
-        s: train(config.replace(structure=s, output_dir=str(Path(config.output_dir) / s)), callbacks)
-        for s in structures
-    }
+    ``{config.output_dir}/{structure}``.
+
+    Every structure's output folder is checked before any training starts. ``results``, if given, is filled
+    as each structure finishes, so a caller keeps the finished ones when a later structure fails.
+    """
+    configs = {s: config.replace(structure=s, output_dir=str(Path(config.output_dir) / s)) for s in structures}
+    for structure_config in configs.values():
+        check_run_dir(structure_config.output_dir, structure_config.resume)
+    results = {} if results is None else results
+    for s, structure_config in configs.items():
+        results[s] = train(structure_config, callbacks)
+    return results
 
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "publish", "train", "train_structures"]
+__all__ = ["CheckpointWriteError", "NonFiniteLossError", "TrainConfig", "TrainResult", "publish", "train",
+           "train_structures"]

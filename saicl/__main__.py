@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
               "  info  print the version and which attention backends are available here (default)\n"
               "  demo  run the built-in demonstration\n"
               "  run   the main job: meta-train tiny models under saicl/full/fid, evaluate them, benchmark,\n"
-              "        and write a report folder (./saicl-report); about 15 minutes on a 2-core CPU")
+              "        and write a report folder (./saicl-report); about 6-8 minutes on an idle 2-core CPU")
         return 0
     import torch
 

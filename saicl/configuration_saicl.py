@@ -1,6 +1,9 @@
-"""SAICLConfig: a T5Config with the encoder structure and attention backend (DESIGN §4–5)."""
+"""SAICLConfig: a T5Config with the encoder structure and attention backend."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from huggingface_hub.dataclasses import strict
 from transformers import T5Config
@@ -36,6 +39,31 @@ class SAICLConfig(T5Config):
         get_structure(self.structure)
         check_backend_name(self.attn_backend)
         super().__post_init__(**kwargs)
+
+    # The fields this class adds; a value given at load time replaces the file's before it is validated,
+    # so a checkpoint whose config.json names an unknown structure/backend still loads when overridden.
+    OVERRIDABLE = ("structure", "attn_backend")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        overrides = {key: kwargs[key] for key in cls.OVERRIDABLE if key in kwargs}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """As :meth:`T5Config.from_pretrained`; a bad ``structure``/``attn_backend`` names the config file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except ValueError as err:
+            message = str(err)
+            if not any(f"{key}=" in message for key in cls.OVERRIDABLE):
+                raise
+            source = Path(pretrained_model_name_or_path)
+            source = source / "config.json" if source.is_dir() else source
+            key = next(key for key in cls.OVERRIDABLE if f"{key}=" in message)
+            raise ValueError(
+                f"{source}: {message}; override it at load time with from_pretrained(..., {key}=...)"
+            ) from err
 
 
 __all__ = ["SAICLConfig"]

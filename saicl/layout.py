@@ -1,9 +1,9 @@
 """Per-token layout of an encoder pass: who may attend to whom, and at which relative distance.
 
-Built once per forward pass from the processor's ``attention_mask`` and ``segment_ids`` (DESIGN §5)
+Built once per forward pass from the processor's ``attention_mask`` and ``segment_ids`` (docs/design.md §5)
 and shared by every layer and every attention backend.
 
-Relative position of key ``y`` seen from query token ``x`` (DESIGN §3), from per-token fields::
+Relative position of key ``y`` seen from query token ``x`` (docs/design.md §3), from per-token fields::
 
     rel(x, y) = position[y] - position[x] + shift[x] * is_query[y] - shift[y] * is_query[x]
 

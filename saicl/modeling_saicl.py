@@ -1,4 +1,4 @@
-"""SAICLForConditionalGeneration: T5 whose encoder attends with a structure (DESIGN §2–5).
+"""SAICLForConditionalGeneration: T5 whose encoder attends with a structure (docs/design.md §2–5).
 
 The encoder keeps T5's parameter names (``encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}``,
 ``relative_attention_bias`` in block 0, ``layer.1.DenseReluDense``...), so every T5 checkpoint loads
@@ -7,10 +7,8 @@ unchanged; the decoder, the LM head and generation are Hugging Face's T5 as they
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -24,13 +22,11 @@ from transformers.models.t5.modeling_t5 import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention.registry import check_backend_name, get_backend
+from .attention.encoder_pass import EncoderPass
+from .attention.registry import check_backend_name
 from .configuration_saicl import SAICLConfig
 from .layout import EncoderLayout, build_layout
-from .positions import bias_table
 from .structures import QUERY_SEGMENT, get_structure
-
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -59,7 +55,7 @@ def _clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
 class SAICLEncoderAttention(T5Attention):
     """T5 self-attention projections (same names and init as T5) with a structured attend step."""
 
-    def forward(self, hidden_states: torch.Tensor, attend: Attend) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden_states: torch.Tensor, attend: EncoderPass) -> torch.Tensor:  # type: ignore[override]
         """``(batch, length, d_model)`` -> ``(batch, length, d_model)``."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.n_heads, self.key_value_proj_dim)
@@ -78,7 +74,7 @@ class SAICLEncoderLayerSelfAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attend: EncoderPass) -> torch.Tensor:
         return hidden_states + self.dropout(self.SelfAttention(self.layer_norm(hidden_states), attend))
 
 
@@ -91,17 +87,28 @@ class SAICLEncoderBlock(GradientCheckpointingLayer):
             [SAICLEncoderLayerSelfAttention(config, has_relative_attention_bias), T5LayerFF(config)]
         )
 
-    def forward(self, hidden_states: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attend: EncoderPass) -> tuple[torch.Tensor, EncoderPass]:
+        """``(batch, length, d_model)`` -> the same, and the pass state (with the table after block 0).
+
+        The block with the bucket embedding builds the pass's bias table here, inside its own forward (where
+        FSDP has unsharded the weight and ``device_map`` placed it); every block then attends with the
+        backend's state prepared on its own device.
+        """
+        attention = self.layer[0].SelfAttention
+        if attention.has_relative_attention_bias:
+            attend = attend.with_table(attention.relative_attention_bias.weight, hidden_states.dtype)
+        attend = attend.to(hidden_states.device)
         hidden_states = _clamp_fp16(self.layer[0](hidden_states, attend))
-        return _clamp_fp16(self.layer[1](hidden_states))
+        return _clamp_fp16(self.layer[1](hidden_states)), attend
 
 
 class SAICLEncoder(nn.Module):
     """The structured T5 encoder.
 
-    Per forward pass it builds the :class:`~saicl.layout.EncoderLayout` once, the per-distance bias
-    table once (from block 0's bucket embedding, shared by all layers as in T5), and the backend's
-    prepared state once; every layer then only projects and attends.
+    Per forward pass it builds the :class:`~saicl.layout.EncoderLayout` once; block 0 builds the
+    per-distance bias table from its bucket embedding (shared by all layers as in T5), and the backend's
+    prepared state is built once per device the blocks live on (:class:`~saicl.attention.encoder_pass.
+    EncoderPass`); every layer then only projects and attends.
     """
 
     main_input_name = "input_ids"
@@ -126,6 +133,14 @@ class SAICLEncoder(nn.Module):
         self, input_shape: torch.Size, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
         device: torch.device,
     ) -> EncoderLayout:
+        # Checked here for every structure: fid gathers input_ids by the layout's indices, which would
+        # silently drop extra tokens or episodes (or fail deep inside torch) on a shape mismatch.
+        for name, tensor in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
+            if tensor is not None and tuple(tensor.shape) != tuple(input_shape):
+                raise ValueError(
+                    f"{name} shape {tuple(tensor.shape)} does not match input_ids / inputs_embeds shape "
+                    f"{tuple(input_shape)} (batch, length)"
+                )
         if attention_mask is None:
             attention_mask = torch.ones(input_shape, dtype=torch.long, device=device)
         if segment_ids is None:  # no demonstrations: every structure is plain T5 on the query
@@ -147,7 +162,7 @@ class SAICLEncoder(nn.Module):
         Args:
             input_ids: ``(batch, length)`` token ids (or ``inputs_embeds`` ``(batch, length, d_model)``).
             attention_mask: ``(batch, length)``, 1 on tokens, 0 on right padding.
-            segment_ids: ``(batch, length)``, demonstration index or -1 for the query (DESIGN §5).
+            segment_ids: ``(batch, length)``, demonstration index or -1 for the query (docs/design.md §5).
         Returns:
             :class:`SAICLEncoderOutput` with ``last_hidden_state`` ``(batch, encoder_length, d_model)``
             and its ``attention_mask``.
@@ -166,20 +181,18 @@ class SAICLEncoder(nn.Module):
             index = layout.source_index[:, :, None].expand(-1, -1, inputs_embeds.shape[-1])
             inputs_embeds = inputs_embeds.gather(1, index)
 
-        backend = get_backend(self.config.attn_backend, inputs_embeds.device)
-        relative_bias = self.block[0].layer[0].SelfAttention.relative_attention_bias
-        table = bias_table(
-            relative_bias.weight, self.config.relative_attention_num_buckets,
-            self.config.relative_attention_max_distance,
-        ).to(inputs_embeds.dtype)
-        attend = partial(backend.attend, prepared=backend.prepare(layout, table))
+        attend = EncoderPass(
+            backend_name=self.config.attn_backend, layout=layout, head_dim=self.config.d_kv,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states = [] if output_hidden_states else None
         for block in self.block:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = block(hidden_states, attend=attend)
+            hidden_states, attend = block(hidden_states, attend=attend)
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
@@ -203,26 +216,26 @@ class SAICLForConditionalGeneration(T5ForConditionalGeneration):
 
     config_class = SAICLConfig
     config: SAICLConfig
+    # device_map="auto" never splits a block across devices (each block attends with state on its device).
+    _no_split_modules = ["SAICLEncoderBlock", "T5Block"]
 
     def __init__(self, config: SAICLConfig):
         super().__init__(config)
-        encoder_config = copy.deepcopy(config)
-        encoder_config.is_decoder = False
-        encoder_config.use_cache = False
-        self.encoder = SAICLEncoder(encoder_config, self.shared)
+        # The encoder reads the model's own config (no copy): setting model.config.structure or .attn_backend
+        # takes effect, as the usual Hugging Face idiom expects. Nothing in the encoder reads is_decoder or
+        # use_cache, the fields Hugging Face's T5 changes in its encoder copy.
+        self.encoder = SAICLEncoder(config, self.shared)
         self.post_init()
 
     def set_structure(self, structure: str) -> None:
         """Switch the encoder structure (same weights): ``"saicl"``, ``"full"`` or ``"fid"``."""
         get_structure(structure)
         self.config.structure = structure
-        self.encoder.config.structure = structure
 
     def set_attn_backend(self, attn_backend: str) -> None:
         """Switch the encoder attention backend (checked when the next forward resolves it)."""
         check_backend_name(attn_backend)
         self.config.attn_backend = attn_backend
-        self.encoder.config.attn_backend = attn_backend
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Gradient checkpointing, always non-reentrant: the bias table is built once per encoder pass and
@@ -254,7 +267,7 @@ class SAICLForConditionalGeneration(T5ForConditionalGeneration):
         return_dict: bool | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
-        """Same as T5's forward plus ``segment_ids`` ``(batch, length)`` (DESIGN §5)."""
+        """Same as T5's forward plus ``segment_ids`` ``(batch, length)`` (docs/design.md §5)."""
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids=input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
@@ -322,6 +335,9 @@ class SAICLForConditionalGeneration(T5ForConditionalGeneration):
         Returns:
             One float32 tensor ``(num_options_b,)`` per episode.
         """
+        if isinstance(max_options_per_batch, bool) or not isinstance(max_options_per_batch, int) \
+                or max_options_per_batch < 1:
+            raise ValueError(f"max_options_per_batch must be an integer >= 1, got {max_options_per_batch!r}")
         option_ids = _option_token_ids(options, tokenizer, input_ids.shape[0])
         encoder_out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, segment_ids=segment_ids)
         counts = [len(o) for o in option_ids]

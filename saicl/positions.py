@@ -1,4 +1,4 @@
-"""T5 relative-position buckets and the per-distance bias lookup table (DESIGN §3).
+"""T5 relative-position buckets and the per-distance bias lookup table (docs/design.md §3).
 
 Kernels never evaluate ``log`` on the device: float32 log ratios land exactly on bucket edges, so
 an approximate device ``log`` can flip buckets. Instead the host computes, once, the bucket of

@@ -1,4 +1,4 @@
-"""ICLProcessor: episodes (demonstrations + query) -> the padded batch of DESIGN §5."""
+"""ICLProcessor: episodes (demonstrations + query) -> the padded batch of the design (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ Episode = Mapping[str, object]
 
 @dataclass
 class TruncationReport:
-    """What the caps cut from the last batch: counts per part, never silent."""
+    """What the caps cut: counts per part, never silent.
+
+    ``demonstrations`` / ``queries`` count the parts that were cut, ``*_total`` every part encoded,
+    ``tokens_dropped`` the tokens removed. ``episodes`` lists the cut episodes' indices within one batch
+    (only a single batch's report has them; sums of reports leave it empty).
+    """
 
     demonstrations: int = 0
     demonstrations_total: int = 0
@@ -27,9 +32,24 @@ class TruncationReport:
     tokens_dropped: int = 0
     episodes: list[int] = field(default_factory=list)
 
+    COUNTS = ("demonstrations", "demonstrations_total", "queries", "queries_total", "tokens_dropped")
+
     @property
     def any(self) -> bool:
         return self.demonstrations > 0 or self.queries > 0
+
+    def add(self, other: TruncationReport) -> TruncationReport:
+        """Add ``other``'s counts to this report (in place; returns ``self``)."""
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def __add__(self, other: TruncationReport) -> TruncationReport:
+        return TruncationReport().add(self).add(other)
+
+    def counts(self) -> dict[str, int]:
+        """The counts as a JSON-ready dict (no episode indices)."""
+        return {name: getattr(self, name) for name in self.COUNTS}
 
     def __str__(self) -> str:
         return (
@@ -55,7 +75,7 @@ def _demonstration_fields(episode_index: int, demo_index: int, demo: object) -> 
 
 
 class ICLProcessor:
-    """Turns episodes into ``input_ids``, ``attention_mask`` and ``segment_ids`` (DESIGN §5).
+    """Turns episodes into ``input_ids``, ``attention_mask`` and ``segment_ids`` (docs/design.md).
 
     An episode is ``{"demonstrations": [(input, output), ...], "query": str}`` (demonstrations may
     also be ``{"input": ..., "output": ...}`` dicts; extra keys such as ``"options"`` are ignored).
@@ -67,9 +87,14 @@ class ICLProcessor:
         tokenizer: a Hugging Face tokenizer.
         template: demonstration format with ``{input}`` and ``{output}``.
         query_template: query format with ``{input}``.
-        max_demo_tokens, max_query_tokens: caps (>= 1); what they cut is counted in
-            ``self.last_truncation`` (and ``batch.truncation``) and logged.
+        max_demo_tokens, max_query_tokens: caps (>= 1); what they cut is counted and logged.
         add_eos: end the query with the tokenizer's EOS token.
+
+    Truncation accounting: each batch carries its own report (``batch.truncation``, also
+    ``self.last_truncation``), and ``self.truncation_total`` sums every batch since construction or the
+    last :meth:`reset_truncation`, so a caller that encodes one task in several batches reads the task's
+    total there. A processor copied into ``DataLoader`` workers counts in the worker: carry
+    ``batch.truncation`` back with the batch instead (as the meta-training collator does).
     """
 
     def __init__(
@@ -100,6 +125,12 @@ class ICLProcessor:
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_truncation = TruncationReport()
+        self.truncation_total = TruncationReport()
+
+    def reset_truncation(self) -> TruncationReport:
+        """Start a new running count; returns the counts accumulated so far."""
+        total, self.truncation_total = self.truncation_total, TruncationReport()
+        return total
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -178,6 +209,7 @@ class ICLProcessor:
             attention_mask[b, : len(ids)] = 1
             segment_ids[b, : len(ids)] = torch.tensor(segments, dtype=torch.long)
         self.last_truncation = report
+        self.truncation_total.add(report)
         if report.any:
             logger.warning("ICLProcessor: %s (episodes %s)", report, report.episodes[:10])
         batch = BatchEncoding(

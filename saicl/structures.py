@@ -1,6 +1,6 @@
 """Encoder attention structures, each defined once as a predicate over segment ids.
 
-Segment ids follow DESIGN §5: demonstration tokens carry their index ``0..k-1``, query tokens
+Segment ids follow docs/design.md §5: demonstration tokens carry their index ``0..k-1``, query tokens
 carry :data:`QUERY_SEGMENT` (``-1``). Inside the encoder, ``fid`` works on an expanded sequence in
 which every (demonstration, query) pair is its own frame; there the segment id is the pair index.
 
@@ -49,7 +49,7 @@ class Structure:
         name: registry name (``saicl``, ``full``, ``fid``).
         allowed: elementwise predicate ``(query_segment, key_segment) -> bool tensor``.
         demo_frames: positions restart in every demonstration and the query sits right after
-            each demonstration (permutation-invariant T5 bias, DESIGN §3).
+            each demonstration (permutation-invariant T5 bias, docs/design.md §3).
         query_per_demo: the query is copied once per demonstration (Fusion-in-Decoder).
         description: one line for ``--help`` texts and errors.
     """

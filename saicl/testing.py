@@ -1,4 +1,5 @@
-"""Helpers that build synthetic inputs for tests and benchmarks (shared, never copied)."""
+"""Helpers shared by tests and benchmarks (never copied): synthetic inputs, tiny T5 checkpoints, and the
+one rule for comparing a computed output with an oracle (:func:`assert_close_to_reference`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,79 @@ import torch
 
 from .structures import QUERY_SEGMENT
 
+# Error budget of a computation that is mathematically equal to its reference, in units of
+# ``eps(dtype) * max|reference|`` (a normwise bound: rounding errors scale with the largest magnitudes
+# in play, not with each element's own size). Summation order differs between implementations and
+# between CPUs (vector widths, BLAS blocking), so the budget must cover any x86 CPU, not just one: the
+# tiny test models (2 layers, sums of up to a few hundred terms) measure 2-4 units here and on a
+# Xeon. 64 units is over 10x that margin while a real bug (outputs moved by ~1e-2 on logits of
+# magnitude ~5-20: thousands of units in fp32) still fails by a wide margin.
+DEFAULT_ULPS = 64
+
+
+def reference_tolerance(reference: torch.Tensor, dtype: torch.dtype | None = None, ulps: float = DEFAULT_ULPS) -> float:
+    """Largest absolute error accepted against ``reference``: ``ulps * eps(dtype) * max|reference|``.
+
+    Args:
+        reference: the oracle's output (any shape, any floating dtype).
+        dtype: the precision the checked output was computed in (default: ``reference.dtype``); a
+            bf16 computation checked against an fp32 reference gets the bf16 budget.
+        ulps: the budget in units of ``eps(dtype) * max|reference|`` (see :data:`DEFAULT_ULPS`).
+    """
+    dtype = dtype or reference.dtype
+    magnitudes = reference.detach().abs().double()
+    magnitudes = magnitudes[torch.isfinite(magnitudes)]
+    scale = magnitudes.max().item() if magnitudes.numel() else 0.0
+    # A reference of exact zeros still allows rounding-level noise of the dtype's smallest normal.
+    return ulps * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor, reference: torch.Tensor, *, dtype: torch.dtype | None = None, ulps: float = DEFAULT_ULPS,
+    name: str = "output",
+) -> float:
+    """Assert ``max|actual - reference| <= reference_tolerance(reference, dtype, ulps)``; return the error.
+
+    Shapes must match; NaN or infinity in ``actual`` where the reference is finite fails. Both are
+    compared in float64, so a low-precision ``actual`` can be checked against a higher-precision
+    reference (pass ``dtype=actual.dtype``, or leave ``dtype`` unset to use ``actual``'s dtype).
+
+    Args:
+        actual: the output under test.
+        reference: the oracle's output, same shape.
+        dtype: precision whose epsilon sets the budget (default: the lower precision of the two).
+        ulps: budget in units of ``eps(dtype) * max|reference|``.
+        name: what is compared, for the failure message.
+    Returns:
+        The largest absolute error (float), for tests that also want to report or bound it.
+    """
+    if actual.shape != reference.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference shape {tuple(reference.shape)}")
+    if dtype is None:
+        dtype = max((actual.dtype, reference.dtype), key=lambda d: torch.finfo(d).eps)
+    tolerance = reference_tolerance(reference, dtype, ulps)
+    a, r = actual.detach().double().cpu(), reference.detach().double().cpu()
+    if not torch.equal(torch.isfinite(a), torch.isfinite(r)):
+        raise AssertionError(f"{name}: {int((torch.isfinite(a) != torch.isfinite(r)).sum())} elements are "
+                             "finite in one tensor and not in the other")
+    finite = torch.isfinite(r)
+    diff = (a - r).abs().where(finite, torch.zeros_like(a))
+    error = float(diff.max()) if diff.numel() else 0.0
+    if error > tolerance:
+        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{name}: max |actual - reference| = {error:.3g} at {where} exceeds {tolerance:.3g} "
+            f"= {ulps:g} x eps({str(dtype).removeprefix('torch.')}) x max|reference| "
+            f"({error / max(tolerance / ulps, 1e-300):.1f} units of eps x max|reference|)"
+        )
+    return error
+
 
 def segment_batch(
     demo_lengths: list[list[int]], query_lengths: list[int], pad_to: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention_mask`` and ``segment_ids`` (DESIGN §5) for episodes of the given token counts.
+    """``attention_mask`` and ``segment_ids`` (as :class:`saicl.ICLProcessor` makes them) for episodes of
+    the given token counts.
 
     Args:
         demo_lengths: per episode, the token count of each demonstration (may be empty).

@@ -6,7 +6,7 @@ import torch
 from saicl.attention import get_backend
 from saicl.attention.registry import unavailable_reason
 from saicl.layout import build_layout
-from saicl.testing import random_qkv, random_table, segment_batch
+from saicl.testing import assert_close_to_reference, random_qkv, random_table, reference_tolerance, segment_batch
 
 HEADS, HEAD_DIM, MAX_DISTANCE = 2, 8, 16
 
@@ -45,12 +45,12 @@ def test_backend_matches_eager(name, episodes, structure):
     layout = build_layout(mask, seg, structure)
     expected, ref_inputs = _run(get_backend("eager"), layout, requires_grad=True)
     got, inputs = _run(backend, layout, requires_grad=True)
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    assert_close_to_reference(got, expected, name=f"{name} output")
     grad_out = torch.randn_like(expected)
     ref_grads = torch.autograd.grad(expected, ref_inputs, grad_out)
     grads = torch.autograd.grad(got, inputs, grad_out)
     for label, g, r in zip(("q", "k", "v", "bias table"), grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=lambda m, label=label: f"grad {label}: {m}")
+        assert_close_to_reference(g, r, name=f"{name} grad {label}")
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
@@ -63,13 +63,14 @@ def test_backend_survives_shape_changes(name, structure):
         with torch.no_grad():
             got, _ = _run(backend, layout, requires_grad=False)
             expected, _ = _run(get_backend("eager"), layout, requires_grad=False)
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+        assert_close_to_reference(got, expected, name=f"{name} output for {demos}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_backend_low_precision(name, dtype):
-    """Error against the float64 oracle stays within 2x the eager backend's own error at this dtype."""
+    """Error against the float64 oracle stays within 2x the eager backend's own error at this dtype
+    (plus one rounding unit of the dtype at the output's magnitude, for when eager happens to be exact)."""
     backend = _backend_or_skip(name)
     mask, seg = segment_batch([[5, 17, 3], [9]], [6, 11])
     layout = build_layout(mask, seg, "saicl")
@@ -81,4 +82,4 @@ def test_backend_low_precision(name, dtype):
         low = [t.to(dtype) for t in (q, k, v, table)]
         eager_err = (eager(*low[:3], layout, low[3]).double() - exact).abs().max()
         err = (backend(*low[:3], layout, low[3]).double() - exact).abs().max()
-    assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+    assert err <= 2 * eager_err + reference_tolerance(exact, dtype, ulps=1), (err, eager_err)

@@ -1,4 +1,4 @@
-"""saicl-bench: CLI smoke tests, DESIGN §7 JSON rows, skip reasons, FLOP counts (tiny, CPU)."""
+"""saicl-bench: CLI smoke tests, docs/design.md §7 JSON rows, skip reasons, FLOP counts (tiny, CPU)."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from saicl.eval.flops import allowed_pairs
 TINY = ["--demos", "1,2", "--demo-len", "4", "--query-len", "3", "--heads", "2", "--head-dim", "8", "--d-model", "16",
         "--d-ff", "32", "--layers", "1", "--decoder-layers", "1", "--vocab-size", "64", "--repeats", "2",
         "--budget-s", "0.5", "--no-progress"]
-DESIGN_FIELDS = {"what", "structure", "backend", "pass", "n_demos", "demo_len", "query_len", "batch", "heads",
+CONTRACT_FIELDS = {"what", "structure", "backend", "pass", "n_demos", "demo_len", "query_len", "batch", "heads",
                  "head_dim", "dtype", "device", "ms_median", "peak_mem_mb", "flops"}
 
 
@@ -59,7 +59,7 @@ def test_rows_json_csv_plot_and_memory(tmp_path, capsys):
     assert {r["what"] for r in rows} == {"attention", "encoder", "model"}
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
     for row in rows:
-        assert DESIGN_FIELDS <= set(row)
+        assert CONTRACT_FIELDS <= set(row)
         assert row["status"] in ("ok", "skipped")
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["backend"] for r in ok} == {"eager", "torch"}
@@ -99,7 +99,7 @@ def test_allowed_pairs_match_the_structures():
 
 
 def test_flop_ratio_at_128_demos_matches_findings():
-    # FINDINGS.md: 8 heads x 64, demos of 64 tokens, query 64 -> structured FLOP ratio 43.2x at 128 demos.
+    # 8 heads x 64, demos of 64 tokens, query 64: the structured FLOP ratio at 128 demos is 43.2x (by hand).
     full = BenchCase(what="attention", structure="full", backend="torch", pass_="fwd", n_demos=128, heads=8)
     saicl = BenchCase(what="attention", structure="saicl", backend="torch", pass_="fwd", n_demos=128, heads=8)
     assert case_flops(full) / case_flops(saicl) == pytest.approx(43.2, abs=0.05)

@@ -1,4 +1,4 @@
-"""Task data (DESIGN §6): both layouts, split configs, demonstrations, episodes, synthetic tasks, bad input."""
+"""Task data (docs/design.md §6): both layouts, split configs, demonstrations, episodes, synthetic tasks, bad input."""
 
 import json
 import random
@@ -211,3 +211,72 @@ def test_episode_dataset_is_a_function_of_the_index_and_follows_the_schedule(met
         KSchedule.parse("two")
     with pytest.raises(ValueError, match="empty or negative"):
         KSchedule.parse("5-2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encodings, options, fixed query sets (reliability issue: items 5 and 6, minor items)
+
+GOOD_ROW = '{"task": "t", "input": "x", "output": "y"}'
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD_ROW + "\n").encode() * 3)
+    assert len(load_tasks(path, k=0)["t"]) == 3
+    config = tmp_path / "split.json"
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({"train": [], "test": ["t"]}).encode())
+    assert list(load_tasks(path, split="test", config=config, k=0)) == ["t"]
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path, metaicl_folder):
+    path = tmp_path / "latin1.jsonl"
+    latin1 = '{"task": "t", "input": "caf\xe9", "output": "y"}\n'.encode("latin-1")
+    path.write_bytes((GOOD_ROW + "\n").encode() + latin1)
+    with pytest.raises(DataError, match=r"latin1\.jsonl, line 2: not valid UTF-8 \(byte 0xe9 at column 28\)"):
+        load_tasks(path, k=0)
+    root, config = metaicl_folder  # in a folder of tasks, the bad file is the one named
+    bad = root / "t2" / "t2_16384_100_train.jsonl"
+    bad.write_bytes(bad.read_bytes() + b'{"task": "t2", "input": "\xff", "output": "yes"}\n')
+    with pytest.raises(DataError, match=r"t2_16384_100_train\.jsonl, line 31: not valid UTF-8 \(byte 0xff"):
+        load_tasks(root, split="train", config=config, k=4)
+
+
+def test_utf16_files_get_a_hint(tmp_path):
+    path = tmp_path / "utf16.jsonl"
+    path.write_text(GOOD_ROW + "\n", encoding="utf-16")  # with a byte-order mark
+    with pytest.raises(DataError, match=r"utf16\.jsonl, line 1: not valid UTF-8.*UTF-16 byte-order mark"):
+        load_tasks(path, k=0)
+    path.write_text(GOOD_ROW + "\n", encoding="utf-16-le")  # no mark: decodes as UTF-8 with NUL bytes
+    with pytest.raises(DataError, match=r"utf16\.jsonl, line 1: holds NUL bytes; is the file UTF-16\? save it as"):
+        load_tasks(path, k=0)
+    good = tmp_path / "good.jsonl"
+    good.write_text(GOOD_ROW + "\n")
+    config = tmp_path / "split.json"
+    config.write_text(json.dumps({"train": [], "test": ["t"]}), encoding="utf-16")
+    with pytest.raises(DataError, match=r"split\.json, line 1: not valid UTF-8.*UTF-16"):
+        load_tasks(good, split="test", config=config, k=0)
+
+
+@pytest.mark.parametrize("options", ['""', '"yes"', "{}", '["a", 1]'])
+def test_options_that_are_not_a_list_are_a_data_error(tmp_path, options):
+    path = tmp_path / "opts.jsonl"
+    path.write_text(GOOD_ROW + "\n" + GOOD_ROW[:-1] + f', "options": {options}}}\n')
+    with pytest.raises(DataError, match=r"opts\.jsonl, line 2: field 'options' must be a list of strings"):
+        load_tasks(path, k=0)
+
+
+def test_absent_null_or_empty_options_mean_a_generation_task(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    path.write_text(GOOD_ROW + "\n" + GOOD_ROW[:-1] + ', "options": null}\n' + GOOD_ROW[:-1] + ', "options": []}\n')
+    assert all(not e.options for e in load_tasks(path, k=0)["t"].train + load_tasks(path, k=0)["t"].test)
+
+
+def test_single_file_query_set_is_fixed_across_k_and_seeds(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    write_jsonl(path, _examples("alpha", 12))
+    reference = load_tasks(path, k=1, seed=100)["alpha"]
+    assert len(reference.test) == 6
+    for k in (0, 2, 5, 6, 8, 11):  # up to n - 1: the pool may then be smaller than k (evaluation skips it)
+        for seed in (100, 13):
+            task = load_tasks(path, k=k, seed=seed)["alpha"]
+            assert task.test == reference.test and task.train == reference.train, (k, seed)

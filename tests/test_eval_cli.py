@@ -130,3 +130,38 @@ def test_k_larger_than_a_pool_skips_that_task_with_a_reason(tiny_model, collecti
     assert "lookup_test_00" in skipped  # its pool holds 4 keys
     assert all("< k=8" in s["reason"] for s in results["skipped"])
     assert {r["task"] for r in results["rows"]} == {"mapping_test_00", "position_test_00"}
+
+
+def test_seeds_that_cannot_differ_are_reported(tiny_model, tmp_path, capsys):
+    """A single-file task of 8 examples keeps 4 fixed queries: with k = 4, every seed draws the whole pool."""
+    data = tmp_path / "small.jsonl"
+    rows = [{"task": "small", "input": f"item {i}", "output": "yes" if i % 2 else "no", "options": ["yes", "no"]}
+            for i in range(8)] + [{"task": "big", "input": f"thing {i}", "output": "a", "options": ["a", "b"]}
+                                  for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    code = main(["--checkpoint", str(tiny_model[0]), "--data", str(data), "--structures", "saicl", "--seeds", "100,13",
+                 "--k", "2,4", "--orders", "1", "--max-queries", "1", "--tokenizer", "byt5", "--json", str(out),
+                 "--no-progress"])
+    assert code == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warnings == ["saicl-eval: warning: task 'small', k=4: all 2 seeds get the same demonstrations in the "
+                        "same order (demonstration pool of 4 = k); its worst/std over seeds are 0 by construction"]
+    assert "Seeds identical (one demonstration set, no spread over seeds): small (k=4)" in captured.out
+    results = json.loads(out.read_text())
+    assert results["identical_seeds"] == [{"k": 4, "task": "small", "seeds": [100, 13],
+                                           "reason": "demonstration pool of 4 = k"}]
+    differ = {(r["task"], r["k"]): r["seeds_differ"] for r in results["rows"]}
+    assert differ == {("small", 2): True, ("small", 4): False, ("big", 2): True, ("big", 4): True}
+
+
+def test_query_set_is_the_same_for_every_k(tiny_model, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(json.dumps({"task": "one", "input": f"q{i}", "output": "x", "options": ["x", "y"]}) + "\n"
+                            for i in range(12)))
+    _, model, tokenizer = tiny_model
+    config = EvalConfig(data=str(data), structures=("saicl",), seeds=(100,), ks=(1, 5, 6, 8), orders=1)
+    results = evaluate_model(model, tokenizer, config, show_progress=False)
+    assert {r["k"]: r["n_queries"] for r in results["rows"]} == {1: 6, 5: 6, 6: 6}
+    assert [(s["k"], s["reason"]) for s in results["skipped"]] == [(8, "6 demonstration candidates < k=8")]

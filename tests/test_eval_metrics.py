@@ -67,3 +67,59 @@ def test_summarize_seeds_mean_worst_std():
 def test_length_mismatch_raises():
     with pytest.raises(ValueError, match="2 predictions but 1 gold"):
         macro_f1(["a", "b"], ["a"])
+
+
+def test_exact_match_on_constructed_predictions():
+    from saicl.eval.metrics import exact_match
+
+    golds = ["red", "blue", "green light", "cat"]
+    # whitespace is normalised (counts), case and extra words are not (do not count)
+    preds = ["  red ", "Blue", "green   light", "cat dog"]
+    assert exact_match(preds, golds) == 0.5
+    assert exact_match(golds, golds) == 1.0
+    assert exact_match(["x"] * 4, golds) == 0.0
+
+
+def test_generation_task_scores_exact_match_of_the_generated_text(tmp_path, monkeypatch):
+    """saicl-eval on a generation task reports, per seed, the exact match of what was generated.
+
+    Generation is replaced by a fixed rule on the query, so the expected score is known without the model:
+    queries ``say W`` are answered ``W`` padded with spaces (a match after normalisation), except for two
+    words answered with another queried word (no match; also what makes macro-F1 differ from exact match).
+    """
+    import json
+
+    from transformers import ByT5Tokenizer
+
+    import saicl.eval.evaluate as evaluate
+    from saicl import SAICLConfig, SAICLForConditionalGeneration
+    from saicl.testing import tiny_t5_config
+
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "star"]
+    wrong = {"blue", "moon"}
+    data = tmp_path / "copy.jsonl"
+    data.write_text("".join(json.dumps({"task": "copy", "input": f"say {w}", "output": w, "options": []}) + "\n"
+                            for w in words))
+    seen: dict[int, list[str]] = {}
+
+    def fake_generate(model, processor, episodes, batch_size=16, max_new_tokens=16, progress=None):
+        answers = []
+        right = [e["output"] for e in episodes if e["output"] not in wrong]
+        for episode in episodes:
+            word = episode["query"].removeprefix("say ")
+            assert episode["output"] == word  # the gold handed to the metric is the query's word
+            answers.append(right[0] if word in wrong else f"  {word} ")
+        seen.setdefault(len(seen), [e["query"].removeprefix("say ") for e in episodes])
+        return answers
+
+    monkeypatch.setattr(evaluate, "generate_episodes", fake_generate)
+    model = SAICLForConditionalGeneration(SAICLConfig(**tiny_t5_config().to_dict()))
+    config = evaluate.EvalConfig(data=str(data), structures=("saicl",), seeds=(100, 13), ks=(2,), orders=1)
+    results = evaluate.evaluate_model(model, ByT5Tokenizer(), config, show_progress=False)
+    (row,) = results["rows"]
+    assert row["kind"] == "generation" and row["metric"] == "exact_match"
+    # one generate call per (seed, order): expected score = share of the queried words answered right
+    expected = [sum(w not in wrong for w in queried) / len(queried) for queried in seen.values()]
+    assert len(expected) == 2 and all(0 < e < 1 for e in expected), (seen, "the draw must mix right and wrong")
+    assert [row["per_seed"]["100"], row["per_seed"]["13"]] == pytest.approx(expected)
+    assert row["mean"] == pytest.approx(sum(expected) / 2) and row["worst"] == pytest.approx(min(expected))

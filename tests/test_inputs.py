@@ -172,3 +172,33 @@ def test_key_ranges_agree_with_the_predicate(structure):
     for lo, hi in ((0, 1), (2, 3)):
         in_range |= (keys >= ranges[..., lo, None]) & (keys < ranges[..., hi, None])
     assert torch.equal(in_range, layout.allowed_mask())
+
+
+@pytest.mark.parametrize("structure", ["saicl", "full", "fid"])
+@pytest.mark.parametrize("change", ["longer", "shorter", "batch"])
+def test_input_ids_must_match_mask_and_segments_under_every_structure(t5_checkpoint, tokenizer, structure, change):
+    """fid gathers input_ids by the layout's indices: a mismatch must not be silently cropped (or crash in torch)."""
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, structure=structure).eval()
+    batch = ICLProcessor(tokenizer)([{"demonstrations": [("a", "b"), ("cd", "e")], "query": "f"}])
+    ids = batch["input_ids"]
+    ids = {"longer": torch.cat([ids, ids[:, :2]], 1), "shorter": ids[:, :-1], "batch": ids.repeat(2, 1)}[change]
+    size, length = ids.shape
+    expected = rf"attention_mask shape \(1, 9\) does not match input_ids / inputs_embeds shape \({size}, {length}\)"
+    with pytest.raises(ValueError, match=expected):
+        model(input_ids=ids, attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"],
+              decoder_input_ids=torch.zeros(ids.shape[0], 1, dtype=torch.long))
+
+
+def test_segment_ids_shape_is_checked_against_input_ids(t5_checkpoint, tokenizer):
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint, structure="fid").eval()
+    batch = ICLProcessor(tokenizer)([{"demonstrations": [("a", "b")], "query": "c"}])
+    with pytest.raises(ValueError, match=r"segment_ids shape \(1, 4\) does not match input_ids"):
+        model.encoder(input_ids=batch["input_ids"], segment_ids=batch["segment_ids"][:, :-1])
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.0, True])
+def test_score_options_rejects_a_bad_batch_limit(t5_checkpoint, tokenizer, value):
+    model = SAICLForConditionalGeneration.from_pretrained(t5_checkpoint).eval()
+    batch = ICLProcessor(tokenizer)([{"demonstrations": [("a", "b")], "query": "c"}])
+    with pytest.raises(ValueError, match=r"max_options_per_batch must be an integer >= 1, got"):
+        model.score_options(**batch, options=[["x", "y"]], tokenizer=tokenizer, max_options_per_batch=value)

@@ -60,3 +60,15 @@ def test_refuses_a_foreign_non_empty_out_folder(tmp_path, capsys):
 def test_bad_flags_exit_2(tmp_path, capsys, extra, message):
     assert main(["--out", str(tmp_path / "r"), *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_report_folder_of_an_older_saicl_run_is_reused(tmp_path, capsys):
+    """A folder marked by saicl-run before ownership markers existed (``.saicl-report``) is still the job's."""
+    from saicl.outputs import read_marker
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / ".saicl-report").write_text("written by saicl-run\n")
+    (out / "report.md").write_text("old report\n")
+    assert main(["--out", str(out), "--no-train", "--no-bench", *TINY]) == 0
+    assert read_marker(out)["tool"] == "saicl-run" and "UNTRAINED" in (out / "report.md").read_text()

@@ -1,10 +1,20 @@
-"""The model against Hugging Face T5 itself, and the structures' defining properties."""
+"""The model against Hugging Face T5 itself, and the structures' defining properties.
+
+Tolerances are relative to float32's epsilon and the reference's magnitude
+(:func:`saicl.testing.assert_close_to_reference`), so they hold on any CPU; the inputs include episodes
+longer than T5's ``relative_attention_max_distance`` (128), where distances saturate.
+"""
 
 import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
 from saicl import ICLProcessor, SAICLForConditionalGeneration
+from saicl.testing import assert_close_to_reference
+
+# ByT5 tokens are bytes: 176 tokens, so distances to and within it pass max_distance = 128.
+LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 4
+LONG_EPISODE = {"demonstrations": [("one", "1"), (LONG_TEXT, "long"), ("three", "3")], "query": "four"}
 
 CHECKPOINTS = ["t5_checkpoint", "t5_v1_1_checkpoint"]
 # A random tiny model decodes greedily to one repeated token; seeded sampling shows far more.
@@ -30,14 +40,15 @@ def _hf(path, dtype=torch.float32):
 def test_full_equals_hf_t5(checkpoint, backend, request, tokenizer, episodes):
     path = request.getfixturevalue(checkpoint)
     processor = ICLProcessor(tokenizer)
-    batch = processor(episodes)
-    labels = processor.encode_targets(["color", "y", "ok", "6"])
+    batch = processor([*episodes, LONG_EPISODE])
+    assert batch["attention_mask"].sum(1).max() > 128, "one episode must be longer than max_distance"
+    labels = processor.encode_targets(["color", "y", "ok", "6", "4"])
     hf, ours = _hf(path), _load(path, "full", backend)
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
         out = ours(**batch, labels=labels)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
+    assert_close_to_reference(out.logits, ref.logits, name="logits")
+    assert_close_to_reference(out.loss, ref.loss, name="loss")
     ref_tokens = _generate(hf, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     tokens = _generate(ours, **batch)
     assert torch.equal(tokens, ref_tokens)
@@ -48,21 +59,22 @@ def test_full_equals_hf_t5(checkpoint, backend, request, tokenizer, episodes):
 @pytest.mark.parametrize("structure", ["saicl", "fid"])
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_one_demonstration_equals_hf_on_concatenation(checkpoint, structure, backend, request, tokenizer):
-    """With one demonstration, saicl and fid are T5 on the text ``d q`` (DESIGN §3)."""
+    """With one demonstration, saicl and fid are T5 on the text ``d q``, also past 128 tokens."""
     path = request.getfixturevalue(checkpoint)
     processor = ICLProcessor(tokenizer)
     episodes = [
         {"demonstrations": [("the cat sat", "animal")], "query": "deep blue"},
         {"demonstrations": [("a much longer demonstration input " * 3, "label")], "query": "q"},
+        {"demonstrations": [(LONG_TEXT, "label")], "query": "a query of about forty bytes, ok?"},
     ]
     batch = processor(episodes)
-    labels = processor.encode_targets(["color", "x"])
+    labels = processor.encode_targets(["color", "x", "y"])
     hf, ours = _hf(path), _load(path, structure, backend)
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
         out = ours(**batch, labels=labels)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
+    assert_close_to_reference(out.logits, ref.logits, name="logits")
+    assert_close_to_reference(out.loss, ref.loss, name="loss")
     ref_tokens = _generate(hf, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert torch.equal(_generate(ours, **batch), ref_tokens)
 
@@ -70,15 +82,16 @@ def test_one_demonstration_equals_hf_on_concatenation(checkpoint, structure, bac
 @pytest.mark.parametrize("structure", ["saicl", "full", "fid"])
 def test_no_demonstrations_is_plain_t5(structure, t5_checkpoint, tokenizer):
     processor = ICLProcessor(tokenizer)
-    batch = processor([{"demonstrations": [], "query": "just a query"}, {"demonstrations": [], "query": "q"}])
+    queries = ["just a query", "q", LONG_TEXT]  # the last is longer than max_distance
+    batch = processor([{"demonstrations": [], "query": q} for q in queries])
     hf, ours = _hf(t5_checkpoint), _load(t5_checkpoint, structure)
-    labels = processor.encode_targets(["a", "bc"])
+    labels = processor.encode_targets(["a", "bc", "d"])
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
         out = ours(**batch, labels=labels)
         plain = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(plain.logits, ref.logits, rtol=0, atol=1e-5)
+    assert_close_to_reference(out.logits, ref.logits, name="logits")
+    assert_close_to_reference(plain.logits, ref.logits, name="logits without segment_ids")
 
 
 def _permuted(episode, order):
@@ -100,7 +113,7 @@ def test_permutation_invariance(structure, backend, t5_checkpoint, tokenizer, ep
     if structure == "full":
         assert (base - perm).abs().max() > 1e-3, "full attention must depend on demonstration order"
     else:
-        torch.testing.assert_close(perm, base, rtol=0, atol=1e-5)
+        assert_close_to_reference(perm, base, name="logits under a permutation")
 
 
 def test_structures_differ(t5_checkpoint, tokenizer, episodes):

@@ -1,4 +1,4 @@
-"""The one interface every encoder attention backend implements (DESIGN §4).
+"""The one interface every encoder attention backend implements (docs/design.md §4).
 
 A backend works in two steps so per-forward work is not repeated in every layer:
 
@@ -31,6 +31,10 @@ class AttentionBackend(ABC):
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """``None`` if the backend can run on ``device``, else a sentence saying why not."""
+        return None
+
+    def head_dim_reason(self, device: torch.device, head_dim: int) -> str | None:
+        """``None`` if the backend supports heads of ``head_dim`` on ``device``, else a sentence saying why not."""
         return None
 
     @abstractmethod

@@ -14,7 +14,7 @@ _BACKENDS: dict[str, str] = {
     "eager": "saicl.attention.eager:EagerBackend",
     "torch": "saicl.attention.segmented:SegmentedBackend",
     "flex": "saicl.attention.flex:FlexBackend",
-    "triton": "saicl.kernels.backend:TritonBackend",
+    "triton": "saicl.attention.triton:TritonBackend",
     "xformers": "saicl.attention.xformers_backend:XFormersBackend",
 }
 AUTO = "auto"
@@ -55,8 +55,8 @@ def _load(name: str) -> AttentionBackend:
     return _instances[name]
 
 
-def unavailable_reason(name: str, device: torch.device | str) -> str | None:
-    """``None`` if backend ``name`` runs on ``device``, else the reason it does not."""
+def unavailable_reason(name: str, device: torch.device | str, head_dim: int | None = None) -> str | None:
+    """``None`` if backend ``name`` runs on ``device`` (with heads of ``head_dim``, if given), else why not."""
     check_backend_name(name)
     if name == AUTO:
         return None
@@ -64,29 +64,36 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
         backend = _load(name)
     except BackendUnavailableError as err:
         return str(err)
-    return backend.unavailable_reason(torch.device(device))
+    device = torch.device(device)
+    reason = backend.unavailable_reason(device)
+    if reason is None and head_dim is not None:
+        reason = backend.head_dim_reason(device, head_dim)
+    return reason
 
 
-def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+def available_backends(device: torch.device | str = "cpu", head_dim: int | None = None) -> dict[str, str | None]:
     """Map every backend name to ``None`` (available on ``device``) or the reason it is not."""
-    return {name: unavailable_reason(name, device) for name in _BACKENDS}
+    return {name: unavailable_reason(name, device, head_dim) for name in _BACKENDS}
 
 
-def resolve_backend_name(name: str, device: torch.device | str) -> str:
-    """Turn ``"auto"`` into the best available backend for ``device``; check the others."""
+def resolve_backend_name(name: str, device: torch.device | str, head_dim: int | None = None) -> str:
+    """Turn ``"auto"`` into the best available backend for ``device`` (and ``head_dim``); check the others."""
     check_backend_name(name)
     device = torch.device(device)
     if name == AUTO:
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device, head_dim) is None:
                 return candidate
         return "eager"
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device, head_dim)
     if reason is not None:
         raise BackendUnavailableError(f"attn_backend={name!r} cannot run on {device}: {reason}")
     return name
 
 
-def get_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
-    """The backend instance for ``name`` (``"auto"`` resolved) on ``device``; raises if unavailable."""
-    return _load(resolve_backend_name(name, device))
+def get_backend(name: str, device: torch.device | str = "cpu", head_dim: int | None = None) -> AttentionBackend:
+    """The backend instance for ``name`` (``"auto"`` resolved) on ``device``; raises if unavailable.
+
+    ``head_dim``: the model's head dimension, when known; backends that cannot run it are skipped by ``auto``.
+    """
+    return _load(resolve_backend_name(name, device, head_dim))
