@@ -180,3 +180,119 @@ def in_ranges(points, a0, len_a, b0, len_b, POINT_ROWS: tl.constexpr):
     in_a = (p - a0).to(tl.uint32, bitcast=True) < len_a.to(tl.uint32, bitcast=True)
     in_b = (p - b0).to(tl.uint32, bitcast=True) < len_b.to(tl.uint32, bitcast=True)
     return in_a | in_b
+
+
+@triton.jit
+def load_tile(PTR, offsets, mask, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """A q/k/v/dO tile (masked lanes read 0), cast to the accumulation dtype ``ACC`` if ``UPCAST``."""
+    x = tl.load(PTR + offsets, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(ACC)
+    return x
+
+
+@triton.jit
+def load_row_stats(LSE, DELTA, offs, mask, n_heads, h):
+    """The saved base-2 log-sum-exp and ``rowsum(dO * O)`` of the query rows ``offs`` at head ``h``."""
+    lse = tl.load(LSE + offs * n_heads + h, mask=mask, other=0.0)
+    delta = tl.load(DELTA + offs * n_heads + h, mask=mask, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def plan_tile(TILES, FIELDS, tile, h, n_tokens, stride_tok, stride_head,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Prologue of every kernel: the ``BLOCK_M`` packed rows of plan tile ``tile`` at head ``h``.
+
+    Returns ``(offs, mask, v0, v1, base, tile_offs, tile_mask, block_offs, mask_d, walk, n_blocks)``:
+    the rows' token indices, validity and view codes; the int64 element offset of the tile's first row
+    and the int32 offsets/mask of its ``(BLOCK_M, BLOCK_D)`` tile (``< BLOCK * stride_tok``: int32 is
+    enough inside a tile); the offsets of a ``(BLOCK_N, BLOCK_D)`` block of the walk and the head-dim
+    mask; ``walk = (lo1, hi1, lo2, hi2, blocks1)``, the two ranges the tile walks (keys for a query
+    tile, queries for a key tile) for :func:`walk_tile`, and the number of ``BLOCK_N`` blocks in them.
+    """
+    row0 = tl.load(TILES + tile * 6 + 0)
+    row1 = tl.load(TILES + tile * 6 + 1)
+    lo1 = tl.load(TILES + tile * 6 + 2)
+    hi1 = tl.load(TILES + tile * 6 + 3)
+    lo2 = tl.load(TILES + tile * 6 + 4)
+    hi2 = tl.load(TILES + tile * 6 + 5)
+    rows = tl.arange(0, BLOCK_M)
+    offs = row0 + rows
+    mask = offs < row1
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    base = token_offset(row0, stride_tok) + h * stride_head
+    tile_offs = rows[:, None] * stride_tok + offs_d[None, :]
+    tile_mask = mask[:, None] & mask_d[None, :]
+    block_offs = tl.arange(0, BLOCK_N)[:, None] * stride_tok + offs_d[None, :]
+    v0, v1 = load_tile_fields(FIELDS, offs, mask, n_tokens)
+    blocks1 = tl.cdiv(hi1 - lo1, BLOCK_N)
+    n_blocks = blocks1 + tl.cdiv(hi2 - lo2, BLOCK_N)
+    return offs, mask, v0, v1, base, tile_offs, tile_mask, block_offs, mask_d, (lo1, hi1, lo2, hi2, blocks1), n_blocks
+
+
+@triton.jit
+def walk_tile(j, walk, h, A, B, FIELDS, block_offs, mask_d, n_tokens, stride_tok, stride_head,
+              BLOCK: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Block ``j`` of a tile's walk (``walk`` from :func:`plan_tile`): its ``BLOCK`` tokens, the tiles of
+    ``A`` and ``B`` (k and v, or q and dO) at head ``h``, and their view codes.
+
+    Returns ``(offs, mask, lo, hi, a, b, v0, v1)``; ``[lo, hi)`` is the range the block lies in, and
+    tokens past ``hi`` are masked (they read 0).
+    """
+    lo1, hi1, lo2, hi2, blocks1 = walk
+    start, lo, hi = walk_block(j, blocks1, lo1, hi1, lo2, hi2, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < hi
+    base = token_offset(start, stride_tok) + h * stride_head
+    block_mask = mask[:, None] & mask_d[None, :]
+    a = load_tile(A + base, block_offs, block_mask, ACC, UPCAST)
+    b = load_tile(B + base, block_offs, block_mask, ACC, UPCAST)
+    v0, v1 = load_tile_fields(FIELDS, offs, mask, n_tokens)
+    return offs, mask, lo, hi, a, b, v0, v1
+
+
+@triton.jit
+def masked_bias(table_row, offs_q, v0_q, v1_q, v0_k, v1_k, a0_k, len_a, b0_k, len_b, max_distance,
+                ACC: tl.constexpr):
+    """``(queries, keys)`` bias of a block with invisible pairs at ``-inf``, and its table columns.
+
+    ``a0_k, len_a, b0_k, len_b``: the keys' ranges (:func:`key_ranges`). The columns are valid even for
+    invisible pairs, so the gather is unmasked (a masked one costs registers), and the mask is folded
+    into the bias so that it never exists in the dot's register layout.
+    """
+    idx = bias_index(v0_q, v1_q, v0_k, v1_k, max_distance, True)
+    allowed = in_ranges(offs_q, a0_k, len_a, b0_k, len_b, True)
+    return tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf")), idx
+
+
+@triton.jit
+def key_block(j, walk, h, K, V, FIELDS, RANGES, table_row, offs_m, v0_m, v1_m, block_offs, mask_d,
+              n_tokens, stride_tok, stride_head, max_distance,
+              BLOCK_N: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Key block ``j`` of a query tile's walk (forward and dQ kernels): ``(k, v, bias)``, the
+    ``(BLOCK_N, BLOCK_D)`` key and value tiles and the ``(queries, keys)`` masked bias."""
+    offs_n, mask_n, _lo, _hi, k, v, v0_n, v1_n = walk_tile(
+        j, walk, h, K, V, FIELDS, block_offs, mask_d, n_tokens, stride_tok, stride_head, BLOCK_N, ACC, UPCAST)
+    # Keys past the block's range (the tile's other range, or nothing) get empty ranges: never visible.
+    a0_n, len_a, b0_n, len_b = key_ranges(RANGES, offs_n, mask_n, 0, n_tokens)
+    bias, _idx = masked_bias(table_row, offs_m, v0_m, v1_m, v0_n, v1_n, a0_n, len_a, b0_n, len_b, max_distance, ACC)
+    return k, v, bias
+
+
+@triton.jit
+def query_block(j, walk, h, Q, DO, LSE, DELTA, FIELDS, RANGES, table_row, offs_m, mask_m, v0_m, v1_m,
+                block_offs, mask_d, n_tokens, n_heads, stride_tok, stride_head, max_distance,
+                BLOCK_N: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Query block ``j`` of a key tile's walk (dK/dV kernel): ``(q, do, lse, delta, bias, idx)``, the
+    ``(BLOCK_N, BLOCK_D)`` query and output-gradient tiles, the rows' saved statistics, the
+    ``(queries, keys)`` masked bias and its table columns."""
+    offs_n, mask_n, q_lo, q_hi, q, do, v0_n, v1_n = walk_tile(
+        j, walk, h, Q, DO, FIELDS, block_offs, mask_d, n_tokens, stride_tok, stride_head, BLOCK_N, ACC, UPCAST)
+    lse, delta = load_row_stats(LSE, DELTA, offs_n, mask_n, n_heads, h)
+    # The key tile's own ranges, clipped to this block's range: visibility is symmetric, so query x sees
+    # key y iff x lies in y's ranges. Keys past the tile's end get empty ranges.
+    a0_m, len_a, b0_m, len_b = key_ranges(RANGES, offs_m, mask_m, q_lo, q_hi)
+    bias, idx = masked_bias(table_row, offs_n, v0_n, v1_n, v0_m, v1_m, a0_m, len_a, b0_m, len_b, max_distance, ACC)
+    return q, do, lse, delta, bias, idx

@@ -52,55 +52,18 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     h = tl.program_id(1)
-    row0 = tl.load(TILES + tile * 6 + 0)
-    row1 = tl.load(TILES + tile * 6 + 1)
-    k1_lo = tl.load(TILES + tile * 6 + 2)
-    k1_hi = tl.load(TILES + tile * 6 + 3)
-    k2_lo = tl.load(TILES + tile * 6 + 4)
-    k2_hi = tl.load(TILES + tile * 6 + 5)
-
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = row0 + rows
-    mask_m = offs_m < row1
-    cols = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    q_base = C.token_offset(row0, stride_tok) + h * stride_head
-    q_tile = rows[:, None] * stride_tok + offs_d[None, :]
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + q_base + q_tile, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_base + q_tile, mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(ACC)
-        do = do.to(ACC)
-    lse = tl.load(LSE + offs_m * n_heads + h, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + offs_m * n_heads + h, mask=mask_m, other=0.0)
-    v0_m, v1_m = C.load_tile_fields(FIELDS, offs_m, mask_m, n_tokens)
-    kv_tile = cols[:, None] * stride_tok + offs_d[None, :]
+    offs_m, mask_m, v0_m, v1_m, q_base, q_tile, q_mask, kv_tile, mask_d, walk, n_blocks = C.plan_tile(
+        TILES, FIELDS, tl.program_id(0), h, n_tokens, stride_tok, stride_head, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = C.load_tile(Q + q_base, q_tile, q_mask, ACC, UPCAST)
+    do = C.load_tile(DO + q_base, q_tile, q_mask, ACC, UPCAST)
+    lse, delta = C.load_row_stats(LSE, DELTA, offs_m, mask_m, n_heads, h)
     table_row = TABLE + h * (2 * max_distance + 1)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    blocks1 = tl.cdiv(k1_hi - k1_lo, BLOCK_N)
-    for j in range(0, blocks1 + tl.cdiv(k2_hi - k2_lo, BLOCK_N)):
-        start, _k_lo, k_hi = C.walk_block(j, blocks1, k1_lo, k1_hi, k2_lo, k2_hi, BLOCK_N)
-        offs_n = start + cols
-        mask_n = offs_n < k_hi
-        kv_base = C.token_offset(start, stride_tok) + h * stride_head
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_base + kv_tile, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_base + kv_tile, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(ACC)
-            v = v.to(ACC)
-        v0_n, v1_n = C.load_tile_fields(FIELDS, offs_n, mask_n, n_tokens)
-        # Keys past k_hi (the tile's other range, or nothing) get empty ranges: never visible here.
-        a0_n, len_a, b0_n, len_b = C.key_ranges(RANGES, offs_n, mask_n, 0, n_tokens)
-        idx = C.bias_index(v0_m, v1_m, v0_n, v1_n, max_distance, True)
-        allowed = C.in_ranges(offs_m, a0_n, len_a, b0_n, len_b, True)
-        # Unmasked gather, mask folded into the bias as -inf (see the forward kernel).
-        bias = tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf"))
+    for j in range(0, n_blocks):
+        k, v, bias = C.key_block(j, walk, h, K, V, FIELDS, RANGES, table_row, offs_m, v0_m, v1_m, kv_tile, mask_d,
+                                 n_tokens, stride_tok, stride_head, max_distance, BLOCK_N, ACC, UPCAST)
         # dp before s: p is consumed at once, one fewer (rows x keys) tensor alive (no spill on sm_80).
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC) - delta[:, None]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
@@ -124,31 +87,12 @@ def _bwd_dkdv_kernel(
     ``SCALE``: one fp32, the fixed-point scale (read only in deterministic mode).
     Blocks are laid out (query, key): rows are the ``BLOCK_N`` queries, columns the tile's keys.
     """
-    tile = tl.program_id(0)
     h = tl.program_id(1)
-    row0 = tl.load(TILES + tile * 6 + 0)
-    row1 = tl.load(TILES + tile * 6 + 1)
-    q1_lo = tl.load(TILES + tile * 6 + 2)
-    q1_hi = tl.load(TILES + tile * 6 + 3)
-    q2_lo = tl.load(TILES + tile * 6 + 4)
-    q2_hi = tl.load(TILES + tile * 6 + 5)
-
-    keys = tl.arange(0, BLOCK_M)
-    offs_m = row0 + keys
-    mask_m = offs_m < row1
-    rows = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    kv_base = C.token_offset(row0, stride_tok) + h * stride_head
-    kv_tile = keys[:, None] * stride_tok + offs_d[None, :]
-    kv_mask = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(K + kv_base + kv_tile, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_base + kv_tile, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(ACC)
-        v = v.to(ACC)
-    v0_m, v1_m = C.load_tile_fields(FIELDS, offs_m, mask_m, n_tokens)
-    q_tile = rows[:, None] * stride_tok + offs_d[None, :]
+    # The tile's rows are keys here; the walk is over the query rows that see them.
+    offs_m, mask_m, v0_m, v1_m, kv_base, kv_tile, kv_mask, q_tile, mask_d, walk, n_blocks = C.plan_tile(
+        TILES, FIELDS, tl.program_id(0), h, n_tokens, stride_tok, stride_head, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    k = C.load_tile(K + kv_base, kv_tile, kv_mask, ACC, UPCAST)
+    v = C.load_tile(V + kv_base, kv_tile, kv_mask, ACC, UPCAST)
     n_columns = 2 * max_distance + 1
     table_row = TABLE + h * n_columns
     if DBIAS == 2:
@@ -156,28 +100,10 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    blocks1 = tl.cdiv(q1_hi - q1_lo, BLOCK_N)
-    for j in range(0, blocks1 + tl.cdiv(q2_hi - q2_lo, BLOCK_N)):
-        start, q_lo, q_hi = C.walk_block(j, blocks1, q1_lo, q1_hi, q2_lo, q2_hi, BLOCK_N)
-        offs_n = start + rows
-        mask_n = offs_n < q_hi
-        q_base = C.token_offset(start, stride_tok) + h * stride_head
-        q_mask = mask_n[:, None] & mask_d[None, :]
-        q = tl.load(Q + q_base + q_tile, mask=q_mask, other=0.0)
-        do = tl.load(DO + q_base + q_tile, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(ACC)
-            do = do.to(ACC)
-        lse = tl.load(LSE + offs_n * n_heads + h, mask=mask_n, other=0.0)
-        delta = tl.load(DELTA + offs_n * n_heads + h, mask=mask_n, other=0.0)
-        v0_n, v1_n = C.load_tile_fields(FIELDS, offs_n, mask_n, n_tokens)
-        # The key tile's own ranges, clipped to this walk's queries: visibility is symmetric, so query x
-        # sees key y iff x lies in y's ranges. Keys past the tile's end get empty ranges.
-        a0_m, len_a, b0_m, len_b = C.key_ranges(RANGES, offs_m, mask_m, q_lo, q_hi)
-        idx = C.bias_index(v0_n, v1_n, v0_m, v1_m, max_distance, True)
-        allowed = C.in_ranges(offs_n, a0_m, len_a, b0_m, len_b, True)
-        # Unmasked gather, mask folded into the bias as -inf (see the forward kernel).
-        bias = tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf"))
+    for j in range(0, n_blocks):
+        q, do, lse, delta, bias, idx = C.query_block(
+            j, walk, h, Q, DO, LSE, DELTA, FIELDS, RANGES, table_row, offs_m, mask_m, v0_m, v1_m, q_tile, mask_d,
+            n_tokens, n_heads, stride_tok, stride_head, max_distance, BLOCK_N, ACC, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
         p = tl.exp2(s * 1.4426950408889634 - lse[:, None])  # 0 for invisible pairs (s = -inf)
         if PARTS & 1:

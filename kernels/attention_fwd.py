@@ -32,56 +32,19 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     h = tl.program_id(1)
-    row0 = tl.load(TILES + tile * 6 + 0)
-    row1 = tl.load(TILES + tile * 6 + 1)
-    k1_lo = tl.load(TILES + tile * 6 + 2)
-    k1_hi = tl.load(TILES + tile * 6 + 3)
-    k2_lo = tl.load(TILES + tile * 6 + 4)
-    k2_hi = tl.load(TILES + tile * 6 + 5)
-
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = row0 + rows
-    mask_m = offs_m < row1
-    cols = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    # Offsets inside a tile stay int32 (< BLOCK * stride_tok); the tile's base is int64.
-    q_base = C.token_offset(row0, stride_tok) + h * stride_head
-    q_tile = rows[:, None] * stride_tok + offs_d[None, :]
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + q_base + q_tile, mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(ACC)
-    v0_m, v1_m = C.load_tile_fields(FIELDS, offs_m, mask_m, n_tokens)
-    kv_tile = cols[:, None] * stride_tok + offs_d[None, :]
+    offs_m, mask_m, v0_m, v1_m, q_base, q_tile, q_mask, kv_tile, mask_d, walk, n_blocks = C.plan_tile(
+        TILES, FIELDS, tl.program_id(0), h, n_tokens, stride_tok, stride_head, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = C.load_tile(Q + q_base, q_tile, q_mask, ACC, UPCAST)
     table_row = TABLE + h * (2 * max_distance + 1)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     # Finite start: a block in which a row sees no key yields p = 0, not NaN.
     m_i = tl.zeros([BLOCK_M], dtype=ACC) - 1.0e30
-    blocks1 = tl.cdiv(k1_hi - k1_lo, BLOCK_N)
-    for j in range(0, blocks1 + tl.cdiv(k2_hi - k2_lo, BLOCK_N)):
-        start, _k_lo, k_hi = C.walk_block(j, blocks1, k1_lo, k1_hi, k2_lo, k2_hi, BLOCK_N)
-        offs_n = start + cols
-        mask_n = offs_n < k_hi
-        kv_base = C.token_offset(start, stride_tok) + h * stride_head
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_base + kv_tile, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_base + kv_tile, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(ACC)
-            v = v.to(ACC)
-        v0_n, v1_n = C.load_tile_fields(FIELDS, offs_n, mask_n, n_tokens)
-        # Keys past k_hi (the tile's other range, or nothing) get empty ranges: never visible here.
-        a0_n, len_a, b0_n, len_b = C.key_ranges(RANGES, offs_n, mask_n, 0, n_tokens)
-        idx = C.bias_index(v0_m, v1_m, v0_n, v1_n, max_distance, True)
-        allowed = C.in_ranges(offs_m, a0_n, len_a, b0_n, len_b, True)
-        # idx is a valid column even for invisible pairs: an unmasked gather (a masked one costs registers).
-        # The mask is folded into the bias (-inf), so that it never exists in the dot's register layout.
-        bias = tl.where(allowed, tl.load(table_row + idx).to(ACC), float("-inf"))
+    for j in range(0, n_blocks):
+        k, v, bias = C.key_block(j, walk, h, K, V, FIELDS, RANGES, table_row, offs_m, v0_m, v1_m, kv_tile, mask_d,
+                                 n_tokens, stride_tok, stride_head, max_distance, BLOCK_N, ACC, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) + bias
         s = s * 1.4426950408889634
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -52,7 +52,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     seed: int = field(default=0, metadata={"help": "initialisation and data seed (same seed = same init for every "
                                            "structure)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on for CUDA devices that "
+                                                      "support bf16, off on CPU; see resolve_precision)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     # bookkeeping
     eval_steps: int = field(default=250, metadata={"help": "held-out loss and accuracy every N steps (0: off)"})
@@ -211,3 +212,20 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 __all__ = ["SYNTHETIC", "TrainConfig", "check_field_value", "config_fields", "field_type", "load_yaml",
            "looks_like_local_path"]
+
+
+def resolve_precision(bf16: bool | None, cuda: bool, bf16_supported: bool, tf32_supported: bool) -> dict:
+    """Mixed-precision settings of a run: ``{"bf16": bool, "tf32": bool | None}`` for ``TrainingArguments``.
+
+    ``bf16=None`` (the default) means bf16 autocast on a CUDA device that supports it (tensor cores for the
+    attention kernels and the linear layers), fp32 on CPU (bf16 matmuls are slow there and change results).
+    When a CUDA run stays in fp32 (``bf16=False``, or no bf16 support), TF32 matmuls are enabled where the
+    device has them; ``tf32=None`` leaves torch's setting alone (CPU). ``bf16=True`` without a CUDA device
+    that supports it is refused here, naming the flag, rather than failing inside the trainer.
+    """
+    if bf16 and not (cuda and bf16_supported):
+        raise ValueError("bf16=True: bf16 autocast needs a CUDA device that supports bf16 (none here); "
+                         "leave --bf16 unset for the device's default")
+    use_bf16 = bool(cuda and bf16_supported) if bf16 is None else bf16
+    tf32 = (not use_bf16 and tf32_supported) if cuda else None
+    return {"bf16": use_bf16, "tf32": tf32}

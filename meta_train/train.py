@@ -29,7 +29,7 @@ from saicl import ICLProcessor
 from saicl.checkpoints import check_resume_compatible, resume_checkpoint
 from saicl.outputs import publish_entry
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_precision
 from .data import load_tasks, make_episode, read_split_config, resolve_config, sample_demonstrations
 from .episodes import EpisodeCollator, EpisodeDataset, SyntheticSource, TaskSource, TruncationCounter, fixed_episodes
 from .evaluate import option_accuracy
@@ -201,6 +201,13 @@ class _LogAccuracy(TrainerCallback):
                         logs.get("eval_chance", float("nan")))
 
 
+def device_precision(bf16: bool | None, cuda: bool) -> dict:
+    """:func:`~.config.resolve_precision` for this machine's device (CUDA: device 0's capabilities)."""
+    bf16_supported = cuda and torch.cuda.is_bf16_supported()
+    tf32_supported = cuda and torch.cuda.get_device_capability(0)[0] >= 8
+    return resolve_precision(bf16, cuda, bf16_supported, tf32_supported)
+
+
 def training_arguments(config: TrainConfig, world_size: int, has_eval: bool) -> TrainingArguments:
     """The ``TrainingArguments`` of a config (``batch_size`` is global: split over ``world_size``)."""
     if config.batch_size % world_size:
@@ -232,7 +239,7 @@ def training_arguments(config: TrainConfig, world_size: int, has_eval: bool) -> 
         dataloader_num_workers=config.num_workers,
         use_cpu=not cuda,
         ddp_backend=None if cuda or world_size == 1 else "gloo",
-        bf16=config.bf16,
+        **device_precision(config.bf16, cuda),
         gradient_checkpointing=config.gradient_checkpointing,
         fsdp=config.fsdp,
         deepspeed=config.deepspeed,

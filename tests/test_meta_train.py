@@ -130,3 +130,38 @@ def test_cli_refuses_to_overwrite_and_resumes_on_request(tmp_path, capsys):
     assert main(args) == 2 and "--resume latest" in capsys.readouterr().err
     assert main([*args[:3], "4", *args[4:], "--resume"]) == 0
 
+
+
+# Mixed precision defaults (bf16 autocast on CUDA where supported, fp32 on CPU).
+@pytest.mark.parametrize(
+    "bf16, cuda, bf16_ok, tf32_ok, expected",
+    [
+        pytest.param(None, False, False, False, {"bf16": False, "tf32": None}, id="cpu-default-fp32"),
+        pytest.param(None, True, True, True, {"bf16": True, "tf32": False}, id="cuda-default-bf16"),
+        pytest.param(None, True, False, False, {"bf16": False, "tf32": False}, id="old-gpu-fp32"),
+        pytest.param(False, True, True, True, {"bf16": False, "tf32": True}, id="cuda-fp32-uses-tf32"),
+        pytest.param(True, True, True, True, {"bf16": True, "tf32": False}, id="cuda-explicit-bf16"),
+    ],
+)
+def test_precision_defaults_to_bf16_on_cuda_and_fp32_on_cpu(bf16, cuda, bf16_ok, tf32_ok, expected):
+    from saicl.meta_train.config import resolve_precision
+
+    assert resolve_precision(bf16, cuda, bf16_ok, tf32_ok) == expected
+
+
+def test_bf16_without_a_supporting_device_is_refused_by_name():
+    from saicl.meta_train.config import TrainConfig, resolve_precision
+
+    assert TrainConfig().bf16 is None  # the default is the device's choice, not a fixed fp32
+    with pytest.raises(ValueError, match="bf16=True"):
+        resolve_precision(True, False, False, False)
+
+
+def test_training_arguments_on_this_cpu_stay_fp32():
+    from saicl.meta_train.config import TrainConfig
+    from saicl.meta_train.train import training_arguments
+
+    if torch.cuda.is_available():
+        pytest.skip("this test checks the CPU default; the CUDA default is covered by the resolver tests")
+    args = training_arguments(TrainConfig(output_dir="unused"), world_size=1, has_eval=False)
+    assert args.bf16 is False
