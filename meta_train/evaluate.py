@@ -1,10 +1,13 @@
-"""Held-out accuracy during meta-training: score every option of each episode, pick the lowest NLL."""
+"""Held-out accuracy during meta-training: score every option of each episode, pick the lowest NLL
+(ties broken by :func:`saicl.eval.metrics.choose_option`, as in ``saicl-eval``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+from saicl.eval.metrics import choose_option
 
 
 @torch.no_grad()
@@ -25,7 +28,9 @@ def option_accuracy(model, processor, tokenizer, episodes: Sequence[dict], batch
             chunk = episodes[start:start + batch_size]
             batch = processor(chunk).to(model.device)
             scores = model.score_options(**batch, options=[e["options"] for e in chunk], tokenizer=tokenizer)
-            correct += sum(e["options"][int(s.argmin())] == e["output"] for e, s in zip(chunk, scores))
+            # The same tie rule as saicl-eval (round, then the first listed option), so the accuracy logged
+            # during training is the one the evaluation would report.
+            correct += sum(e["options"][choose_option(s.tolist())] == e["output"] for e, s in zip(chunk, scores))
     finally:
         model.train(was_training)
     accuracy = correct / len(episodes)

@@ -165,3 +165,30 @@ def test_training_arguments_on_this_cpu_stay_fp32():
         pytest.skip("this test checks the CPU default; the CUDA default is covered by the resolver tests")
     args = training_arguments(TrainConfig(output_dir="unused"), world_size=1, has_eval=False)
     assert args.bf16 is False
+
+
+def test_training_accuracy_uses_the_evaluation_tie_rule():
+    """Options whose NLLs differ by less than the rounding go to the first listed option, in training too."""
+    from saicl.meta_train.evaluate import option_accuracy
+
+    class _Batch(dict):
+        def to(self, device):
+            return self
+
+    class _Model:
+        device = torch.device("cpu")
+        training = False
+
+        def eval(self):
+            pass
+
+        def train(self, mode=True):
+            pass
+
+        def score_options(self, options, **kwargs):
+            # the gold (first) option is worse by 1e-7 nats: a tie after rounding to 1e-5
+            return [torch.tensor([1.0 + 1e-7, 1.0]) for _ in options]
+
+    episodes = [{"demonstrations": [], "query": "q", "options": ["yes", "no"], "output": "yes"}]
+    result = option_accuracy(_Model(), lambda chunk: _Batch(), None, episodes)
+    assert result["accuracy"] == 1.0
