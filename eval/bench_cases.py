@@ -16,6 +16,7 @@ Every episode has ``n_demos`` demonstrations of ``demo_len`` tokens and a query 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -80,6 +81,11 @@ class BenchCase:
         mask, seg = segment_batch([[self.demo_len] * self.n_demos] * self.batch, [self.query_len] * self.batch)
         return build_layout(mask, seg, structure or self.structure)
 
+    def counting_layout(self) -> EncoderLayout:
+        """:meth:`layout`, shared between the cases of one shape: for counting FLOPs and bytes only (read it,
+        never run a backend on it: backends cache per-forward state on a layout)."""
+        return _shared_layout(self.structure, self.n_demos, self.demo_len, self.query_len, self.batch)
+
     def model_config(self):
         """The ``SAICLConfig`` of the encoder/model levels (T5 relu FFN, 32 buckets, max distance 128)."""
         from saicl import SAICLConfig
@@ -90,6 +96,12 @@ class BenchCase:
             dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
             structure=self.structure, attn_backend=self.backend,
         )
+
+
+@functools.lru_cache(maxsize=32)  # a sweep visits every (structure, size) once per level, pass and backend
+def _shared_layout(structure: str, n_demos: int, demo_len: int, query_len: int, batch: int) -> EncoderLayout:
+    mask, seg = segment_batch([[demo_len] * n_demos] * batch, [query_len] * batch)
+    return build_layout(mask, seg, structure)
 
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
@@ -106,8 +118,7 @@ def _model(case: BenchCase):
         torch.manual_seed(case.seed)
         _MODELS[key] = SAICLForConditionalGeneration(case.model_config()).to(case.device, case.torch_dtype)
     model = _MODELS[key]
-    model.set_structure(case.structure)
-    model.set_attn_backend(case.backend)
+    _switch(model, case)
     return model
 
 
@@ -123,14 +134,18 @@ def _attention_call(case: BenchCase, with_prepare: bool = False) -> Callable[[],
     from saicl.attention import get_backend
     from saicl.testing import random_qkv, random_table
 
+    from .bench_providers import PROVIDERS, provider_call
+
     layout = case.layout()
     device = torch.device(case.device)
     layout = _layout_to(layout, device)
-    backend = get_backend(case.backend, device)
     train = case.pass_ == "fwd+bwd"
     q, k, v = random_qkv(case.batch, layout.length, case.heads, case.head_dim, dtype=case.torch_dtype,
                          device=device, requires_grad=train)
     table = random_table(case.heads, 128, dtype=case.torch_dtype).to(device).requires_grad_(train)
+    if case.backend in PROVIDERS:  # dense SDPA baselines and the bare kernels (saicl.eval.bench_providers)
+        return provider_call(case, q, k, v, table, layout, with_prepare)
+    backend = get_backend(case.backend, device)
     if not train and not with_prepare:
         prepared = backend.prepare(layout, table)
 
@@ -168,6 +183,13 @@ def _layout_to(layout: EncoderLayout, device: torch.device) -> EncoderLayout:
     return replace(layout, **moved, cache={})
 
 
+def _switch(model, case: BenchCase) -> None:
+    # The cached model is shared by the contenders timed interleaved: each call selects its own structure and
+    # backend (two attribute writes, nothing rebuilt).
+    model.set_structure(case.structure)
+    model.set_attn_backend(case.backend)
+
+
 def _encoder_call(case: BenchCase) -> Callable[[], object]:
     model = _model(case)
     inputs = _inputs(case)
@@ -175,6 +197,7 @@ def _encoder_call(case: BenchCase) -> Callable[[], object]:
         model.eval()
 
         def forward():
+            _switch(model, case)
             with torch.no_grad():  # not inference_mode: see saicl.eval.scoring
                 return model.encoder(**inputs).last_hidden_state
 
@@ -182,6 +205,7 @@ def _encoder_call(case: BenchCase) -> Callable[[], object]:
     model.train()
 
     def forward_backward():
+        _switch(model, case)
         model.zero_grad(set_to_none=True)
         model.encoder(**inputs).last_hidden_state.float().sum().backward()
 
@@ -197,6 +221,7 @@ def _model_call(case: BenchCase) -> Callable[[], object]:
         model.eval()
 
         def forward():
+            _switch(model, case)
             with torch.no_grad():  # not inference_mode: see saicl.eval.scoring
                 return model.score_options(**inputs, options=options)
 
@@ -205,6 +230,7 @@ def _model_call(case: BenchCase) -> Callable[[], object]:
     labels = torch.tensor([opts[0] for opts in options], device=case.device)
 
     def forward_backward():
+        _switch(model, case)
         model.zero_grad(set_to_none=True)
         model(**inputs, labels=labels).loss.backward()
 
@@ -223,19 +249,24 @@ def build_call(case: BenchCase, for_memory: bool = False) -> Callable[[], object
         raise ValueError(f"pass={case.pass_!r}: expected one of {PASSES}")
     if case.what == "attention":
         return _attention_call(case, with_prepare=for_memory)
+    from .bench_providers import PROVIDERS
+
+    if case.backend in PROVIDERS:
+        raise ValueError(f"backend={case.backend!r} is an attention-level provider; it has no {case.what} level")
     return {"encoder": _encoder_call, "model": _model_call}[case.what](case)
 
 
 def release_models() -> None:
-    """Drop the cached model (before memory baselines, or when the shape changes)."""
+    """Drop the cached model and layouts (before memory baselines, or at the end of a sweep)."""
     _MODELS.clear()
+    _shared_layout.cache_clear()
 
 
 def case_flops(case: BenchCase) -> int:
     """Structured FLOPs of one call of the case (see :mod:`saicl.eval.flops`)."""
     from .flops import attention_flops, decoder_flops, encoder_flops
 
-    layout = case.layout()
+    layout = case.counting_layout()
     if case.what == "attention":
         return attention_flops(layout, case.heads, case.head_dim, case.pass_)
     config = case.model_config()

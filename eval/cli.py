@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from saicl.config_cli import cli_message
 from saicl.outputs import atomic_write_json, save_results
 
 
@@ -83,15 +84,20 @@ def run_cli(run: Callable[[list[str] | None], int], argv: list[str] | None, prog
     """Run a tool's body: bad input -> one ``prog: error: ...`` line and exit code 2; crash -> exit 1."""
     from saicl.attention.base import BackendUnavailableError
 
+    from .distributed import RankFailedError
+
     try:
         return run(argv)
     except SystemExit as exit_:  # argparse: --help (0) and bad flags (2) have printed their message
         return exit_.code if isinstance(exit_.code, int) else 2
+    except RankFailedError as err:  # distributed run: another rank failed (it printed its own error)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except (CLIError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # data errors (saicl.meta_train.data.DataError) and bad settings
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except ValueError as err:  # data errors (saicl.meta_train.data.DataError) and bad settings (ConfigError)
+        print(f"{prog}: error: {cli_message(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # the machine, not the user: a disk that filled up, a folder that went away
         print(f"{prog}: error: {err}", file=sys.stderr)

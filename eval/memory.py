@@ -50,15 +50,17 @@ def _dense_bytes(batch: int, length: int, heads: int, elem: int, train: bool, ea
 
 def attention_workspace_bytes(case: BenchCase) -> int:
     """Estimated extra bytes of one attention call beyond q, k, v (the structure's pairs, the backend's way)."""
-    layout = case.layout()
+    layout = case.counting_layout()
     elem = torch.empty(0, dtype=case.torch_dtype).element_size()
     train = case.pass_ == "fwd+bwd"
     length, heads = layout.length, case.heads
-    dense = case.backend == "eager" or case.structure == "full" or (
+    dense = case.backend in ("eager", "sdpa-bias") or case.structure == "full" or (
         case.backend == "flex" and case.device == "cpu" and (train or case.dtype == "float64")
     )
     if case.backend == "flex" and case.structure == "full" and not (case.device == "cpu" and train):
         dense = False  # compiled FlexAttention never materialises (L, L)
+    if case.backend == "sdpa":
+        dense = False  # no bias, no mask: SDPA's fused kernels never materialise (L, L)
     if dense:
         return _dense_bytes(case.batch, length, heads, elem, train, eager=case.backend == "eager")
     # Local spans: the bias block (one copy per span unless all spans share it) and the int64 distances
@@ -72,7 +74,7 @@ def attention_workspace_bytes(case: BenchCase) -> int:
         span_len = max((n for _, n in spans), default=0)
         pairs += len(spans) * span_len * (span_len + glob_len) + glob_len * int(layout.valid[b].sum())
     block_mask = 0
-    if case.backend in ("flex", "triton"):
+    if case.backend in ("flex", "triton", "triton-kernel"):
         pairs = 0  # block-sparse kernels: no per-pair tensors
     if case.backend == "flex":  # its block lists are quadratic in the number of 128-token blocks
         from saicl.attention.flex import block_mask_bytes, compile_settings
@@ -85,7 +87,7 @@ def attention_workspace_bytes(case: BenchCase) -> int:
 
 def estimate_bytes(case: BenchCase) -> int:
     """Estimated total bytes one call of ``case`` needs (inputs, weights, activations, workspace)."""
-    layout = case.layout()
+    layout = case.counting_layout()
     elem = torch.empty(0, dtype=case.torch_dtype).element_size()
     tokens = case.batch * layout.length
     inner = case.heads * case.head_dim

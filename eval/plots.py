@@ -100,4 +100,42 @@ def loglog_panels(panels: dict[str, Series], path: str | Path, xlabel: str, titl
     return _save(plt, fig, path)
 
 
-__all__ = ["bar_chart", "line_plot", "loglog_panels"]
+def scaling_panels(metric: dict[str, list[tuple[float, float, float]]], times: Series, path: str | Path,
+                   metric_label: str, time_label: str, title: str, dashed: set[str] | None = None) -> Path:
+    """Metric against k with error bars (left, log x) beside time against k (right, log-log).
+
+    Args:
+        metric: ``name -> [(k, mean, error)]`` (error: one std; NaN draws no bar).
+        times: ``name -> [(k, seconds)]``.
+        dashed: names drawn dashed (e.g. structures that did not leave the plateau).
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.4))
+    dashed = dashed or set()
+    names = sorted(set(metric) | set(times))
+    for i, name in enumerate(names):
+        color, style = f"C{i % 10}", "--" if name in dashed else "-"
+        points = [(x, y, e) for x, y, e in metric.get(name, []) if y is not None and not math.isnan(y)]
+        if points:
+            xs, ys, errs = zip(*points)
+            errs = [0.0 if e is None or math.isnan(e) else e for e in errs]
+            left.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=color, linestyle=style, label=name)
+        timed = _finite([(x, y) for x, y in times.get(name, []) if y is not None and y > 0])
+        if timed:
+            right.plot(*zip(*timed), marker="o", color=color, linestyle=style, label=name)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    right.set_yscale("log")
+    left.set(xlabel="demonstrations k", ylabel=metric_label)
+    right.set(xlabel="demonstrations k", ylabel=time_label)
+    fig.suptitle(title)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+__all__ = ["bar_chart", "line_plot", "loglog_panels", "scaling_panels"]

@@ -6,6 +6,7 @@ Examples::
     saicl-train --structure saicl,full,fid --max-steps 1500 --output-dir runs/cmp   # same init for all three
     saicl-train --config run.yaml --resume latest
     torchrun --nproc_per_node 2 -m saicl.meta_train.cli --max-steps 100 --output-dir runs/ddp
+    torchrun --nproc_per_node 2 -m saicl.meta_train.cli --fsdp --max-steps 100 --output-dir runs/fsdp
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "resume":
             parser.add_argument(_flag(f.name), nargs="?", const="latest", default=None,
                                 help=help_text + " (bare --resume means 'latest')")
+        elif f.name == "fsdp":
+            parser.add_argument(_flag(f.name), nargs="?", const="full_shard", default=None, metavar="OPTIONS",
+                                help=help_text)
         elif kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {f.default})")

@@ -28,8 +28,8 @@ class TrainConfig:
     attn_backend: str = field(default="auto", metadata={"help": "attention backend (auto, torch, eager, flex, ...)"})
     # data
     data: str = field(default=SYNTHETIC, metadata={"help": "'synthetic' or 'synthetic:FAMILY[,FAMILY]' (fresh tasks "
-                                                   "every episode: lookup, mapping, position), or a .jsonl file, "
-                                                   "MetaICL folder or Hub dataset (docs/design.md §6)"})
+                                                   "every episode: lookup, mapping, position, noisy, noisy-keys), or a "
+                                                   ".jsonl file, MetaICL folder or Hub dataset (docs/design.md §6)"})
     data_config: str | None = field(default=None, metadata={"help": "split config for --data (path or shipped "
                                                             "name); its 'train' tasks train, 'test' tasks evaluate"})
     k: str = field(default="2", metadata={"help": "demonstrations per episode: N or a range LO-HI drawn uniformly"})
@@ -67,7 +67,9 @@ class TrainConfig:
                                                        "a checkpoint folder"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
-    fsdp: str = field(default="", metadata={"help": "passed to TrainingArguments.fsdp (GPU)"})
+    fsdp: str = field(default="", metadata={"help": "FSDP2 over all processes (torchrun/accelerate launch; CPU gloo or "
+                                           "GPU): full_shard or shard_grad_op, optionally 'offload'; bare --fsdp "
+                                           "means full_shard (each encoder/decoder block sharded)"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config path"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -90,6 +92,10 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_steps", "k_warmup_steps", "num_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 0")
+        from .fsdp import parse_fsdp
+
+        if parse_fsdp(self.fsdp) is not None and self.deepspeed:
+            raise ValueError(f"fsdp={self.fsdp!r} and deepspeed={self.deepspeed!r}: choose one engine")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r}: expected a positive number")
         if self.eval_k is not None and self.eval_k < 0:

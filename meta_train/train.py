@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +34,24 @@ from .config import TrainConfig, resolve_precision
 from .data import load_tasks, make_episode, read_split_config, resolve_config, sample_demonstrations
 from .episodes import EpisodeCollator, EpisodeDataset, SyntheticSource, TaskSource, TruncationCounter, fixed_episodes
 from .evaluate import option_accuracy
+from .fsdp import (
+    check_fsdp_launch,
+    drop_tied_copies,
+    enable_fsdp_on_cpu,
+    fsdp_training_arguments,
+    register_fsdp_method,
+    sharded_checkpoints,
+    share_embedding_module,
+)
 from .models import build_model, model_config_dict
 from .run_dir import FINAL, STAGING, CheckpointWriteError, check_run_dir, claimed_run_dir, write_failure
 
 logger = logging.getLogger(__name__)
 
+
+
+# Per-step losses kept in TrainResult.step_losses (a 1M-step run would otherwise hold 1M floats per process).
+LOSS_HISTORY = 10_000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,12 +71,13 @@ class TrainResult:
     wall_time_s: float
     stopped: str  # "max_steps" or "nan"
     losses: list[tuple[int, float]] = field(default_factory=list)  # logged (step, mean training loss)
-    step_losses: list[float] = field(default_factory=list)  # exact loss of each step run by this process
+    # exact loss of each step run by this process; the newest LOSS_HISTORY steps only (``losses`` covers all)
+    step_losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)  # {"step", "eval_loss", "accuracy", "chance", "ratio"}
     truncated: int = 0  # demonstrations + queries of training batches cut by the token caps (all ranks)
     eval_truncated: int = 0  # the same for held-out loss batches (counted apart from training)
     message: str = ""
-    rank_digests: list[str] = field(default_factory=list)  # sha256 of each rank's final weights
+    rank_digests: list[str] = field(default_factory=list)  # sha256 of each rank's final weights (FSDP: gathered)
     saving_ranks: list[int] = field(default_factory=list)  # ranks that wrote model/optimizer/state files
 
     def to_dict(self) -> dict:
@@ -122,10 +137,20 @@ class MetaTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.accuracy_episodes = list(accuracy_episodes)
         self.processor = processor
-        self.step_losses: list[float] = []
+        # Per-step losses stay on the device until a logging step (one transfer per logging interval, not per step)
+        self.step_losses: deque[float] = deque(maxlen=LOSS_HISTORY)
+        self._pending_losses: list[torch.Tensor] = []
         self._staging_root: str | None = None
         self.owned_dir = None  # the claimed output folder (saicl.outputs.OwnedDir) on the main process
         self.truncation = TruncationCounter()  # the collated batches' counts, summed here (not in workers)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            # Accelerate keeps FSDP to accelerator devices; on CPU processes (gloo) it would silently run DDP
+            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+            if not self.is_fsdp_enabled:
+                raise ValueError(f"--fsdp: Accelerate did not enable FSDP ({self.accelerator.distributed_type})")
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.truncation.pop(inputs, "train" if model.training else "eval")
@@ -133,23 +158,59 @@ class MetaTrainer(Trainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
-        # Every rank must agree to stop, or the others would hang in the next all-reduce.
-        finite = torch.isfinite(loss.detach().float()).float().reshape(1)
+        detached = loss.detach().float().reshape(())
+        # The guard must stop before the optimizer step, on every rank (or the others would hang in the next
+        # all-reduce), so it reads one flag per step on the host: one device sync per step on GPUs, which
+        # keeps the host from queueing the next step while this one runs (docs/meta_training.md). The loss
+        # values themselves are read only at logging steps (flush_step_losses).
+        finite = torch.isfinite(detached).float().reshape(1)
         if self.args.world_size > 1:
             finite = self.accelerator.gather(finite).min()
         if not bool(finite.item()):
-            raise NonFiniteLossError(f"the training loss is {loss.item()} at step {self.state.global_step + 1}")
-        self.step_losses.append(loss.item())
+            self.flush_step_losses()
+            raise NonFiniteLossError(f"the training loss is {detached.item()} at step {self.state.global_step + 1}")
+        self._pending_losses.append(detached)
+        if len(self._pending_losses) >= LOSS_HISTORY:  # a logging interval longer than the history
+            self.flush_step_losses()
         return loss
+
+    def flush_step_losses(self) -> None:
+        """Move the losses of the steps since the last flush to ``step_losses`` (one device-to-host copy)."""
+        if self._pending_losses:
+            self.step_losses.extend(torch.stack(self._pending_losses).tolist())
+            self._pending_losses.clear()
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.control.should_log:  # Trainer reads its own loss sum now as well
+            self.flush_step_losses()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.accuracy_episodes:
+            if self.is_fsdp_enabled:  # score_options reads root-level weights outside forward: gather them
+                register_fsdp_method(self.model, "score_options")
             accuracy = option_accuracy(self.model, self.processor, self.processing_class, self.accuracy_episodes)
             extra = {f"{metric_key_prefix}_{name}": value for name, value in accuracy.items()}
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP with sharded checkpoints, Trainer writes no model files: a checkpoint still gets its
+        config and tokenizer (resume checks read them; the weights are in ``pytorch_model_fsdp_0/``), and the
+        final model is consolidated into an ordinary ``save_pretrained`` folder (a collective: every rank calls)."""
+        if not (self.is_fsdp_enabled and sharded_checkpoints(self.accelerator)):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call:
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                self.accelerator.unwrap_model(self.model).config.save_pretrained(output_dir)
+                self.processing_class.save_pretrained(output_dir)
+            return
+        state_dict = self.accelerator.get_state_dict(self.model)  # full tensors, on rank 0 only
+        self._save(output_dir, state_dict=drop_tied_copies(self.accelerator.unwrap_model(self.model), state_dict))
 
     def _get_output_dir(self, trial):
         return self._staging_root or super()._get_output_dir(trial)
@@ -213,6 +274,7 @@ def training_arguments(config: TrainConfig, world_size: int, has_eval: bool) -> 
     if config.batch_size % world_size:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the {world_size} processes")
     cuda = torch.cuda.is_available()
+    fsdp = fsdp_training_arguments(config.fsdp, config.gradient_checkpointing, world_size)
     return TrainingArguments(
         output_dir=config.output_dir,
         max_steps=config.max_steps,
@@ -240,9 +302,10 @@ def training_arguments(config: TrainConfig, world_size: int, has_eval: bool) -> 
         use_cpu=not cuda,
         ddp_backend=None if cuda or world_size == 1 else "gloo",
         **device_precision(config.bf16, cuda),
-        gradient_checkpointing=config.gradient_checkpointing,
-        fsdp=config.fsdp,
+        # under FSDP, activation checkpointing is FSDP's own (see fsdp_training_arguments)
+        gradient_checkpointing=config.gradient_checkpointing and not fsdp,
         deepspeed=config.deepspeed,
+        **fsdp,
     )
 
 
@@ -272,9 +335,12 @@ def _evals(log_history: list[dict]) -> list[dict]:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer, in name order (equal digests = bitwise-equal weights)."""
+    """sha256 of every parameter and buffer, in name order (equal digests = bitwise-equal weights); under FSDP,
+    of the consolidated weights (every rank must call)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "full_tensor"):  # FSDP's DTensor: gather it (a collective, same order on every rank)
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -293,6 +359,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Tra
         CheckpointWriteError: a checkpoint or the final model could not be written (the last complete
             checkpoint is named and intact).
     """
+    check_fsdp_launch(config.fsdp, int(os.environ.get("WORLD_SIZE", "1")))  # before the output folder is claimed
     with claimed_run_dir(config.output_dir, config.resume) as owned:
         return _train(config, callbacks, owned)
 
@@ -309,6 +376,8 @@ def _train(config: TrainConfig, callbacks: Sequence[TrainerCallback], owned) -> 
     collator = EpisodeCollator(processor, config.max_target_tokens)
     train_dataset, eval_episodes = build_data(config, world_size)
     args = training_arguments(config, world_size, has_eval=bool(eval_episodes))
+    if args.fsdp:
+        share_embedding_module(model)
     trainer = MetaTrainer(
         model=model, args=args, data_collator=collator, train_dataset=train_dataset,
         eval_dataset=eval_episodes or None, processing_class=tokenizer, callbacks=[_LogAccuracy(), *callbacks],
@@ -318,6 +387,7 @@ def _train(config: TrainConfig, callbacks: Sequence[TrainerCallback], owned) -> 
     stopped, message = "max_steps", ""
     try:
         trainer.train(resume_from_checkpoint=resume)
+        trainer.flush_step_losses()  # the steps after the last logging step
     except NonFiniteLossError as err:
         stopped = "nan"
         last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
@@ -361,7 +431,7 @@ def _train(config: TrainConfig, callbacks: Sequence[TrainerCallback], owned) -> 
         wall_time_s=round(time.perf_counter() - start, 2),
         stopped=stopped,
         losses=[(e["step"], e["loss"]) for e in history if "loss" in e],
-        step_losses=trainer.step_losses,
+        step_losses=list(trainer.step_losses),
         evals=_evals(history),
         truncated=sum(gather_object([trainer.truncation.truncated("train")])),
         eval_truncated=sum(gather_object([trainer.truncation.truncated("eval")])),

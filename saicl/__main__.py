@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m saicl [info | demo [--help] | run [--help]]\n"
               "  info  print the version and which attention backends are available here (default)\n"
               "  demo  run the built-in demonstration\n"
-              "  run   the main job: meta-train tiny models under saicl/full/fid, evaluate them, benchmark,\n"
-              "        and write a report folder (./saicl-report); about 6-8 minutes on an idle 2-core CPU")
+              "  run   the main job: meta-train tiny models under saicl/full/fid, evaluate them at k = 4..1024,\n"
+              "        benchmark, and write a report folder (./saicl-report); at most 15 minutes on an idle\n"
+              "        2-core CPU (one training seed; 'run --study' trains several)")
         return 0
     import torch
 

@@ -146,3 +146,40 @@ def save_tiny_t5(path, gated: bool = False, seed: int = 0, **overrides):
     model = T5ForConditionalGeneration(tiny_t5_config(gated=gated, **overrides))
     model.save_pretrained(path)
     return model
+
+
+def run_two_ranks(args: list[str], timeout_s: float = 240.0, show_worker_errors: bool = False):
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` with one thread per rank; a ``CompletedProcess``.
+
+    The launch gets its own process group, so a hang is killed whole (torchrun's workers would outlive a plain
+    kill) and reported with the tail of its stderr. ``show_worker_errors`` prints the workers' own error output
+    when the launch fails (torchrun's summary alone rarely names the cause).
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout_s:.0f} s:\n{stderr[-3000:]}")
+    if process.returncode and show_worker_errors:
+        print(stderr[-20000:], file=sys.stderr)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def flat_update(weights: dict, initial: dict) -> torch.Tensor:
+    """All saved parameters minus their initial values, flattened in name order (float64; tied copies are saved
+    once, so only the names both sides share count)."""
+    names = sorted(set(weights) & set(initial))
+    assert len(names) >= 30, names
+    return torch.cat([(weights[name].double() - initial[name].double()).flatten() for name in names])

@@ -39,24 +39,54 @@ def tiny_model(tmp_path_factory):
 def test_help_lists_every_flag(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--data", "--structures", "--seeds", "--k", "--orders", "--json", "--plot-dir"):
-        assert flag in out
+    # every flag saicl-eval had before its flags were generated from EvalConfig / EvalRunOptions
+    for flag in ("--checkpoint", "--data", "--split", "--split-config", "--structures", "--seeds", "--k", "--orders",
+                 "--tasks", "--max-queries", "--batch-size", "--max-new-tokens", "--max-demo-tokens",
+                 "--max-query-tokens", "--template", "--tokenizer", "--attn-backend", "--device", "--dtype", "--json",
+                 "--plot-dir", "--no-progress"):
+        assert f"{flag} " in out or f"{flag}\n" in out or f"{flag}," in out, flag
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        pytest.param(["--k", "four"], "--k must be comma-separated integers", id="bad-k"),
-        pytest.param(["--structures", "saicl,dense"], "unknown structure 'dense'", id="bad-structure"),
-        pytest.param(["--orders", "0"], "orders must be >= 1", id="bad-orders"),
-        pytest.param(["--attn-backend", "warp"], "not a known backend", id="bad-backend"),
+        pytest.param(["--k", "four"], "--k four: expected integers", id="bad-k"),
+        pytest.param(["--k", "4,-1"], "--k 4,-1: expected values >= 0", id="negative-k"),
+        pytest.param(["--structures", "saicl,dense"], "--structures saicl,dense: unknown structure 'dense'",
+                     id="bad-structure"),
+        pytest.param(["--orders", "0"], "--orders 0: expected a value >= 1", id="bad-orders"),
+        pytest.param(["--split", "dev"], "--split dev: unknown dev; expected one of test, train", id="bad-split"),
+        pytest.param(["--max-queries", "0"], "--max-queries 0: expected a value >= 1", id="bad-max-queries"),
+        pytest.param(["--template", "{output}"], "--template {output}: expected a template containing {input}",
+                     id="bad-template"),
+        pytest.param(["--tasks", "nope"], "--tasks nope: names tasks not in the 'test' split", id="unknown-task"),
+        pytest.param(["--dtype", "float8"], "--dtype float8: unknown float8", id="bad-dtype"),
+        pytest.param(["--attn-backend", "warp"], "--attn-backend warp: ", id="bad-backend"),
         pytest.param(["--device", "bogus"], "--device 'bogus'", id="bad-device"),
     ],
 )
 def test_bad_flags_give_a_clear_message_and_exit_2(tiny_model, collection, capsys, extra, message):
     code = main(["--checkpoint", str(tiny_model[0]), "--data", str(collection), "--no-progress", *extra])
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "saicl-eval" in line]  # (transformers' loading bar aside)
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_flags_are_generated_from_the_config():
+    """Every EvalConfig / EvalRunOptions field is a flag whose default is the dataclass's, given once."""
+    from saicl.config_cli import config_from_args
+    from saicl.eval.evaluate import EvalRunOptions, build_parser
+
+    argv = ["--checkpoint", "ckpt", "--data", "tasks.jsonl"]
+    args = build_parser().parse_args(argv)
+    assert config_from_args(EvalConfig, args) == EvalConfig(data="tasks.jsonl")
+    assert config_from_args(EvalRunOptions, args) == EvalRunOptions(checkpoint="ckpt")
+    args = build_parser().parse_args([*argv, "--k", "0,4", "--seeds", "1", "--tasks", "a,b", "--max-queries", "none",
+                                      "--query-template", "Q: {input}", "--no-progress", "--json", "r.json"])
+    assert config_from_args(EvalConfig, args) == EvalConfig(data="tasks.jsonl", ks=(0, 4), seeds=(1,),
+                                                            tasks=("a", "b"), query_template="Q: {input}")
+    assert config_from_args(EvalRunOptions, args) == EvalRunOptions(checkpoint="ckpt", progress=False, json="r.json")
 
 
 def test_unknown_flag_and_missing_required_exit_2(capsys):

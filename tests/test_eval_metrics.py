@@ -91,6 +91,7 @@ def test_generation_task_scores_exact_match_of_the_generated_text(tmp_path, monk
 
     from transformers import ByT5Tokenizer
 
+    import saicl.eval.eval_runner as eval_runner
     import saicl.eval.evaluate as evaluate
     from saicl import SAICLConfig, SAICLForConditionalGeneration
     from saicl.testing import tiny_t5_config
@@ -112,7 +113,7 @@ def test_generation_task_scores_exact_match_of_the_generated_text(tmp_path, monk
         seen.setdefault(len(seen), [e["query"].removeprefix("say ") for e in episodes])
         return answers
 
-    monkeypatch.setattr(evaluate, "generate_episodes", fake_generate)
+    monkeypatch.setattr(eval_runner, "generate_episodes", fake_generate)
     model = SAICLForConditionalGeneration(SAICLConfig(**tiny_t5_config().to_dict()))
     config = evaluate.EvalConfig(data=str(data), structures=("saicl",), seeds=(100, 13), ks=(2,), orders=1)
     results = evaluate.evaluate_model(model, ByT5Tokenizer(), config, show_progress=False)

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from saicl.meta_train.cli import main
 from saicl.meta_train.models import build_model
 from saicl.meta_train.train import TrainConfig, train, weights_digest
+from saicl.testing import assert_close_to_reference
 
 TINY = dict(model="micro", batch_size=8, eval_episodes=8, logging_steps=1, threads=1, progress=False,
             warmup_steps=2, max_demo_tokens=16, max_query_tokens=16)
@@ -192,3 +193,39 @@ def test_training_accuracy_uses_the_evaluation_tie_rule():
     episodes = [{"demonstrations": [], "query": "q", "options": ["yes", "no"], "output": "yes"}]
     result = option_accuracy(_Model(), lambda chunk: _Batch(), None, episodes)
     assert result["accuracy"] == 1.0
+
+
+def test_step_losses_are_read_at_logging_steps_and_bounded(tmp_path, monkeypatch):
+    """Per-step losses stay on the device between logging steps and only the newest LOSS_HISTORY are kept;
+    each logged loss is still the mean of the kept per-step losses of its logging interval."""
+    import saicl.meta_train.train as train_module
+
+    reads = []
+
+    class _Reads(TrainerCallback):  # how many per-step losses reached the host by the end of each step
+        def __init__(self):
+            self.trainer = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            reads.append(len(self.trainer.step_losses))
+
+    monkeypatch.setattr(train_module, "LOSS_HISTORY", 4)
+    spy = _Reads()
+    original_init = train_module.MetaTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        spy.trainer = self
+
+    monkeypatch.setattr(train_module.MetaTrainer, "__init__", init)
+    result = train(TrainConfig(**{**TINY, "logging_steps": 2}, max_steps=6, save_steps=6, eval_steps=0,
+                               output_dir=str(tmp_path / "run")), callbacks=[spy])
+    assert result.steps == 6 and len(result.step_losses) == 4  # bounded: steps 3-6 of 6
+    # on_step_end runs before the step's logging: the host has read nothing since the last logging step
+    assert reads == [0, 0, 2, 2, 4, 4]
+    logged = dict(result.losses)
+    assert sorted(logged) == [2, 4, 6]
+    # Trainer sums the interval's losses in float32 and divides on the host: a few float32 roundings
+    for step, pair in ((4, result.step_losses[0:2]), (6, result.step_losses[2:4])):
+        assert_close_to_reference(torch.tensor(logged[step]), torch.tensor(sum(pair) / 2), dtype=torch.float32,
+                                  ulps=4, name=f"logged loss at step {step}")

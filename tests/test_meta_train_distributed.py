@@ -9,16 +9,12 @@ the data or a gradient that is summed instead of averaged.
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from saicl.testing import assert_close_to_reference
+from saicl.testing import assert_close_to_reference, flat_update, run_two_ranks
 
 STEPS, BATCH, LR = 3, 8, 3e-3
 # Flags shared by both runs; warm-up 0 so every step has the full learning rate, a loss logged per step.
@@ -31,27 +27,9 @@ UPDATE_RELATIVE_BUDGET = 1e-3
 
 
 def _run_torchrun(out, report):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = [item for name, value in FLAGS.items() for item in ("--" + name.replace("_", "-"), str(value))]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "saicl.meta_train.cli", *flags, "--output-dir", str(out), "--json", str(report), "--no-progress"]
-    # Own process group, so a hang is cleaned up whole (torchrun's workers would outlive a plain kill).
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def _flat_update(weights: dict, initial: dict) -> torch.Tensor:
-    """All saved parameters minus their initial values, flattened (tied copies are saved once)."""
-    names = sorted(set(weights) & set(initial))
-    assert len(names) >= 30, names
-    return torch.cat([(weights[name].double() - initial[name].double()).flatten() for name in names])
+    return run_two_ranks(["-m", "saicl.meta_train.cli", *flags, "--output-dir", str(out), "--json", str(report),
+                          "--no-progress"])
 
 
 @pytest.mark.slow
@@ -83,8 +61,8 @@ def test_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_path):
                               torch.tensor([loss for _, loss in single.losses]), name="per-step global loss")
 
     initial = build_model("micro", "saicl", seed=0)[0].state_dict()
-    update_ddp = _flat_update(load_file(out / "final" / "model.safetensors"), initial)
-    update_one = _flat_update(load_file(tmp_path / "single" / "final" / "model.safetensors"), initial)
+    update_ddp = flat_update(load_file(out / "final" / "model.safetensors"), initial)
+    update_one = flat_update(load_file(tmp_path / "single" / "final" / "model.safetensors"), initial)
     # Adam moves every element with a gradient by about lr per step: the weights really moved.
     assert update_one.norm() > 0.25 * LR * STEPS * math.sqrt(update_one.numel())
     relative = float((update_ddp - update_one).norm() / update_one.norm())

@@ -347,8 +347,8 @@ def test_train_keeps_its_results_when_the_json_write_fails_at_the_end(tmp_path, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--bench-backends", "bogus"], "--bench-backends: unknown ['bogus']"),
-    (["--no-bench", "--eval-k", "9"], "--eval-k 9: the held-out lookup tasks have 4 demonstration candidates"),
+    (["--bench-backends", "bogus"], "--bench-backends bogus: unknown bogus"),
+    (["--no-bench", "--eval-k", "4096"], "--eval-k 4096: the held-out noisy-keys tasks have 2048 demonstration"),
 ])
 def test_run_checks_settings_before_training(tmp_path, monkeypatch, capsys, extra, message):
     from saicl.eval import main_job
@@ -447,9 +447,9 @@ def test_yaml_numbers_pyyaml_reads_as_text_are_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--mem-limit-gb", "-1"], "--mem-limit-gb must be a positive number of GiB, got -1"),
-    (["--mem-limit-gb", "0"], "--mem-limit-gb must be a positive number of GiB, got 0"),
-    (["--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+    (["--mem-limit-gb", "-1"], "--mem-limit-gb -1.0: expected a positive number"),
+    (["--mem-limit-gb", "0"], "--mem-limit-gb 0.0: expected a positive number"),
+    (["--vocab-size", "0"], "--vocab-size 0: expected a value >= 1"),
 ])
 def test_bench_rejects_bad_limits(monkeypatch, capsys, extra, message):
     from saicl.eval import bench
