@@ -245,7 +245,10 @@ class JobProgress:
         n_models = len(config.training_seeds)
         total = n_models * len(config.structures) * (self.train_s + sum(self.eval_s.values()))
         total += self.BENCH_S if config.bench else 0.0
-        self.bar = progress_bar(round(total), "saicl-run (estimated s)", enabled=config.progress)
+        # The estimate is in the description: tqdm's own "remaining" is unknown until the first phase ends.
+        minutes, seconds = divmod(round(total), 60)
+        self.bar = progress_bar(round(total), f"saicl-run (estimated {minutes:02d}:{seconds:02d})",
+                                enabled=config.progress)
         self.bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, remaining ~{remaining} {postfix}"
         self.done = 0.0
 

@@ -141,3 +141,5 @@ def test_the_overall_progress_bar_has_a_total_and_shows_elapsed_and_remaining(ca
     progress.close()
     err = capsys.readouterr().err
     assert "elapsed" in err and "remaining" in err
+    minutes, seconds = divmod(progress.bar.total, 60)
+    assert f"(estimated {minutes:02d}:{seconds:02d})" in err  # the whole job's estimate from the first moment
