@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.exit(2, f"{PROG}: error: {err}\n")
 
-    from .train import CheckpointWriteError, train, train_structures
+    from .train import CheckpointWriteError, close_distributed, train, train_structures
 
     results: dict = {}  # filled as structures finish: kept (printed, written) whatever stops the next one
     code, error = 0, None
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                 beside=[config.output_dir])
         code = code or (0 if saved else 1)
     ok = all(r.stopped == "max_steps" for r in results.values())
+    close_distributed(wait=error is None)
     return code or (0 if ok else 1)
 
 

@@ -262,6 +262,23 @@ class _LogAccuracy(TrainerCallback):
                         logs.get("eval_chance", float("nan")))
 
 
+def close_distributed(wait: bool = True) -> None:
+    """Tear down the process group, if any, before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads are sometimes destroyed while still joinable, and a rank
+    aborts (SIGABRT, "terminate called without an active exception") after a run that succeeded: measured
+    1 in ~10 two-rank FSDP runs. ``wait`` first waits for every rank (skip it on an error path, where a peer may
+    never arrive).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def device_precision(bf16: bool | None, cuda: bool) -> dict:
     """:func:`~.config.resolve_precision` for this machine's device (CUDA: device 0's capabilities)."""
     bf16_supported = cuda and torch.cuda.is_bf16_supported()

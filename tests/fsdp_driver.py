@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(workdir: str, flags_json: str) -> None:
-    from saicl.meta_train.train import TrainConfig, train
+    from saicl.meta_train.train import TrainConfig, close_distributed, train
 
     flags = json.loads(flags_json)
     work = Path(workdir)
@@ -27,6 +27,7 @@ def main(workdir: str, flags_json: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         results = {"straight": straight.to_dict(), "resumed": resumed.to_dict()}
         (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    close_distributed()
 
 
 if __name__ == "__main__":
